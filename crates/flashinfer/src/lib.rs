@@ -1,0 +1,21 @@
+//! flashinfer: an attention engine for LLM inference serving.
+//!
+//! - [`layout`]: paged KV caches, ragged tensors, block-sparse matrices and custom masks, validated.
+//! - [`reference`]: the CPU backend, exact, multi-threaded; the oracle for every GPU test.
+//! - [`cuda`]: device context, streams, device tensor views, workspaces.
+//! - [`jit`]: NVRTC discovery, compilation to CUBIN, the on-disk cache, loaded modules.
+//! - [`merge`]: the attention-state merge operators on the GPU.
+//!
+//! See `DESIGN.md` in the repository for the shape of the whole.
+
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod params;
+pub mod reference;
+pub mod cuda;
+pub mod jit;
+
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use params::{AttentionParams, LseBase, MaskMode};
