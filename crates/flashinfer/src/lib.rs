@@ -5,6 +5,7 @@
 //! - [`cuda`]: device context, streams, device tensor views, workspaces.
 //! - [`jit`]: NVRTC discovery, compilation to CUBIN, the on-disk cache, loaded modules.
 //! - [`merge`]: the attention-state merge operators on the GPU.
+//! - [`decode`]: batch decode on a paged KV cache (plan/run, split-KV).
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
 
@@ -14,7 +15,9 @@ pub mod layout;
 pub mod params;
 pub mod reference;
 pub mod cuda;
+pub mod decode;
 pub mod jit;
+pub mod merge;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

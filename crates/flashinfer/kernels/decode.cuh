@@ -1,0 +1,215 @@
+// decode.cuh: batch decode on a paged KV cache, CUDA-core path (one query token per request).
+//
+// Computes, for each work item (request, KV chunk) and KV head, the attention of the GROUP query
+// heads that share that KV head over the chunk's keys, and writes either the final output (and
+// LSE) or a partial state that merge_states_varlen combines later (split-KV).
+//
+// The generated source defines before including this file:
+//   DTypeQ, DTypeKV, DTypeO   element types
+//   HEAD_DIM                  64, 128 or 256
+//   GROUP                     query heads per KV head (GQA ratio)
+//   BDZ                       token slots working in parallel (independent softmax states)
+//   PASSES                    row-load passes per tile; TILE = GROUP * BDZ * PASSES tokens
+//   NSTAGE                    depth of the cp.async pipeline (tiles in flight)
+// (decode/tiles.rs chooses them.)
+//
+// Thread layout: block (BDX, GROUP, BDZ), BDX = HEAD_DIM / VEC with VEC = 16 bytes of KV. Lane tx
+// owns elements [tx*VEC, tx*VEC + VEC) of one query head (ty) for the tokens of slot tz. q·k sums
+// over the BDX lanes of a group with shuffles; p·v needs no reduction.
+// Loads: every thread copies 16-byte pieces of K and V rows (whole rows are BDX consecutive
+// threads, so each row is one coalesced 128/256/512-byte transaction) into shared memory with
+// cp.async, NSTAGE - 1 tiles ahead; the page ids of the next tile are read one iteration ahead.
+// Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * sizeof(DTypeKV) bytes for K and V tiles, reused at
+// the end for the BDZ partial states (BDZ * GROUP * (HEAD_DIM + 2) floats).
+#pragma once
+#include "state.cuh"
+
+constexpr int VEC = 16 / sizeof(DTypeKV);
+constexpr int BDX = HEAD_DIM / VEC;
+constexpr int NUM_THREADS = BDX * GROUP * BDZ;
+constexpr int ROWS_PER_PASS = GROUP * BDZ;
+constexpr int TILE = ROWS_PER_PASS * PASSES;
+constexpr int TOKENS_PER_SLOT = TILE / BDZ;
+static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of 16 bytes");
+static_assert(NUM_THREADS <= 1024, "too many threads per block");
+
+// One unit of work: `kv_len` keys of `request` starting at token `kv_start`; the request's pages
+// start at kv_indices[page_begin]. `partial` >= 0: write a partial state to that slot.
+struct DecodeWork {
+  int request, page_begin, kv_start, kv_len, partial;
+};
+
+struct DecodeParams {
+  const DTypeQ* q;            // [batch, num_qo_heads, HEAD_DIM]
+  const DTypeKV* k;           // page pool (K)
+  const DTypeKV* v;           // page pool (V)
+  const int* kv_indices;      // page ids
+  const DecodeWork* work;     // [num_work]
+  DTypeO* o;                  // [batch, num_qo_heads, HEAD_DIM]
+  float* lse;                 // [batch, num_qo_heads] or null
+  float* partial_o;           // [num_partial, num_qo_heads, HEAD_DIM]
+  float* partial_lse;         // [num_partial, num_qo_heads] (base 2)
+  long long page_stride;      // elements between pages
+  long long token_stride;     // elements between tokens of a page
+  long long head_stride;      // elements between heads of a page
+  int page_size;
+  int num_qo_heads;
+  float sm_scale_log2;        // softmax scale * log2(e)
+  float lse_out_scale;        // base-2 lse -> caller's base
+};
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+batch_decode(const DecodeParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
+  DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
+
+  const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
+  const int tid = tx + BDX * (ty + GROUP * tz);
+  const int kv_head = blockIdx.y;
+  const int qo_head = kv_head * GROUP + ty;
+  const DecodeWork w = p.work[blockIdx.x];
+
+  // This thread's query slice, pre-scaled so that scores come out in base 2.
+  float q[VEC];
+  load_vec_f32<DTypeQ, VEC>(p.q + ((long long)w.request * p.num_qo_heads + qo_head) * HEAD_DIM + tx * VEC, q);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) q[i] *= p.sm_scale_log2;
+
+  // Global element offset of the rows this thread copies in tile `t` (-1 past the chunk's end).
+  const int load_row = tid / BDX;
+  const long long head_off = (long long)kv_head * p.head_stride + tx * VEC;
+  long long row_off[PASSES];
+  auto resolve_rows = [&](int t) {
+#pragma unroll
+    for (int s = 0; s < PASSES; ++s) {
+      int tok = t * TILE + load_row + s * ROWS_PER_PASS;
+      if (tok < w.kv_len) {
+        int abs_tok = w.kv_start + tok;
+        int page = p.kv_indices[w.page_begin + abs_tok / p.page_size];
+        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok % p.page_size) * p.token_stride + head_off;
+      } else {
+        row_off[s] = -1;
+      }
+    }
+  };
+  auto issue_tile = [&](int stage) {
+#pragma unroll
+    for (int s = 0; s < PASSES; ++s) {
+      int r = load_row + s * ROWS_PER_PASS;
+      long long off = row_off[s] < 0 ? 0 : row_off[s];
+      int bytes = row_off[s] < 0 ? 0 : 16;
+      cp_async_16(k_smem + (stage * TILE + r) * HEAD_DIM + tx * VEC, p.k + off, bytes);
+      cp_async_16(v_smem + (stage * TILE + r) * HEAD_DIM + tx * VEC, p.v + off, bytes);
+    }
+  };
+
+  const int num_tiles = (w.kv_len + TILE - 1) / TILE;
+  resolve_rows(0);
+#pragma unroll
+  for (int s = 0; s < NSTAGE - 1; ++s) {
+    if (s < num_tiles) {
+      issue_tile(s);
+      resolve_rows(s + 1);
+    }
+    cp_async_commit();
+  }
+
+  float m = NEG_INF, d = 0.f, o[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = 0.f;
+
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<NSTAGE - 2>();
+    __syncthreads();
+    {
+      int next = t + NSTAGE - 1;
+      if (next < num_tiles) {
+        issue_tile(next % NSTAGE);
+        resolve_rows(next + 1);
+      }
+      cp_async_commit();
+    }
+    const int stage = t % NSTAGE;
+    const DTypeKV* kt = k_smem + (stage * TILE + tz * TOKENS_PER_SLOT) * HEAD_DIM + tx * VEC;
+    const DTypeKV* vt = v_smem + (stage * TILE + tz * TOKENS_PER_SLOT) * HEAD_DIM + tx * VEC;
+    const int valid = w.kv_len - (t * TILE + tz * TOKENS_PER_SLOT);  // tokens of this slot in range
+
+    float s[TOKENS_PER_SLOT];
+    float m_tile = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < TOKENS_PER_SLOT; ++j) {
+      float kf[VEC];
+      load_vec_f32<DTypeKV, VEC>(kt + j * HEAD_DIM, kf);
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc = fmaf(q[i], kf[i], acc);
+      acc = group_sum<BDX>(acc);
+      s[j] = j < valid ? acc : NEG_INF;
+      m_tile = fmaxf(m_tile, s[j]);
+    }
+    const float m_new = fmaxf(m, m_tile);
+    if (m_new == NEG_INF) continue;  // nothing of this slot in range yet
+    const float rescale = fast_exp2(m - m_new);
+    d *= rescale;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] *= rescale;
+#pragma unroll
+    for (int j = 0; j < TOKENS_PER_SLOT; ++j) {
+      const float pj = fast_exp2(s[j] - m_new);
+      d += pj;
+      float vf[VEC];
+      load_vec_f32<DTypeKV, VEC>(vt + j * HEAD_DIM, vf);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) o[i] = fmaf(pj, vf[i], o[i]);
+    }
+    m = m_new;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the BDZ slots' states through shared memory (reusing the K/V tiles).
+  float* st_o = reinterpret_cast<float*>(smem_raw);           // [BDZ][GROUP][HEAD_DIM]
+  float* st_md = st_o + BDZ * GROUP * HEAD_DIM;                // [BDZ][GROUP][2]
+  if constexpr (BDZ > 1) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) st_o[(tz * GROUP + ty) * HEAD_DIM + tx * VEC + i] = o[i];
+    if (tx == 0) {
+      st_md[(tz * GROUP + ty) * 2] = m;
+      st_md[(tz * GROUP + ty) * 2 + 1] = d;
+    }
+    __syncthreads();
+    if (tz != 0) return;
+    float m_all = NEG_INF;
+#pragma unroll
+    for (int z = 0; z < BDZ; ++z) m_all = fmaxf(m_all, st_md[(z * GROUP + ty) * 2]);
+    d = 0.f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] = 0.f;
+    if (m_all != NEG_INF) {
+#pragma unroll
+      for (int z = 0; z < BDZ; ++z) {
+        float mz = st_md[(z * GROUP + ty) * 2];
+        float scale = fast_exp2(mz - m_all);  // mz = -inf -> 0
+        d += st_md[(z * GROUP + ty) * 2 + 1] * scale;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] += st_o[(z * GROUP + ty) * HEAD_DIM + tx * VEC + i] * scale;
+      }
+    }
+    m = m_all;
+  }
+
+  const float inv = d > 0.f ? 1.f / d : 0.f;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] *= inv;
+  const float lse2 = d > 0.f ? m + fast_log2(d) : NEG_INF;
+  if (w.partial < 0) {
+    const long long row = (long long)w.request * p.num_qo_heads + qo_head;
+    store_vec_f32<DTypeO, VEC>(p.o + row * HEAD_DIM + tx * VEC, o);
+    if (p.lse != nullptr && tx == 0) p.lse[row] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+  } else {
+    const long long row = (long long)w.partial * p.num_qo_heads + qo_head;
+    store_vec_f32<float, VEC>(p.partial_o + row * HEAD_DIM + tx * VEC, o);
+    if (tx == 0) p.partial_lse[row] = lse2;
+  }
+}

@@ -1,0 +1,36 @@
+// state.cuh: the attention state (o, lse) and its exact merge (the paper's ⊕ operator).
+//
+// A state over a set of keys is (o = softmax-weighted sum of values, lse = log2 of the sum of
+// exp2(scores)). Two states over disjoint key sets merge exactly:
+//   lse = log2(2^lse_a + 2^lse_b),  o = o_a * 2^(lse_a - lse) + o_b * 2^(lse_b - lse).
+// A state with lse = -inf is empty (no key seen) and contributes nothing.
+#pragma once
+#include "common.cuh"
+
+// Running merge of many states for VEC output elements: keeps the running max `m` and the sum `d`
+// of 2^(lse_i - m) so that no exponent overflows.
+template <int VEC>
+struct MergeAcc {
+  float m = NEG_INF, d = 0.f, o[VEC];
+  __device__ __forceinline__ MergeAcc() {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] = 0.f;
+  }
+  __device__ __forceinline__ void add(const float* v, float lse) {
+    if (lse == NEG_INF) return;
+    float m_new = fmaxf(m, lse);
+    float scale_old = fast_exp2(m - m_new);  // m = -inf -> 0
+    float w = fast_exp2(lse - m_new);
+    d = d * scale_old + w;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] = o[i] * scale_old + v[i] * w;
+    m = m_new;
+  }
+  // Normalised output (zeros when nothing was merged) and the merged lse (base 2).
+  __device__ __forceinline__ float finish(float* out) const {
+    float inv = d > 0.f ? 1.f / d : 0.f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = o[i] * inv;
+    return d > 0.f ? m + fast_log2(d) : NEG_INF;
+  }
+};

@@ -1,0 +1,339 @@
+//! Batch decode on a paged KV cache: one query token per request, every KV head, GQA.
+//!
+//! `plan()` runs on the host from the page table alone: it picks the kernel specialisation, splits
+//! long requests when the batch cannot fill the GPU, and copies the work list into the workspace in
+//! one transfer. `run()` validates the device tensors and launches: the decode kernel, then (only if
+//! something was split) the variable-length merge of partial states.
+
+mod plan;
+mod tiles;
+
+pub use plan::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
+pub use tiles::{DecodeTiles, HEAD_DIMS};
+pub(crate) use tiles::specs;
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, Workspace};
+use crate::dtype::{DType, Element};
+use crate::error::{ensure, invalid, Result};
+use crate::jit::KernelFunction;
+use crate::layout::{HeadConfig, PageTable, PagedKvDesc};
+use crate::params::AttentionParams;
+
+/// Static configuration of a decode op (one per model layer shape).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeConfig {
+    pub heads: HeadConfig,
+    pub page_size: usize,
+    pub q_dtype: DType,
+    pub kv_dtype: DType,
+    pub params: AttentionParams,
+    /// Allow split-KV (off gives each request one block per KV head, whatever the batch).
+    pub allow_split: bool,
+}
+
+/// Parameter block of the kernel, laid out exactly as `DecodeParams` in kernels/decode.cuh.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    kv_indices: u64,
+    work: u64,
+    o: u64,
+    lse: u64,
+    partial_o: u64,
+    partial_lse: u64,
+    page_stride: i64,
+    token_stride: i64,
+    head_stride: i64,
+    page_size: i32,
+    num_qo_heads: i32,
+    sm_scale_log2: f32,
+    lse_out_scale: f32,
+}
+
+
+/// Byte offsets of the plan's pieces inside the workspace.
+#[derive(Clone, Copy, Debug, Default)]
+struct WorkspaceLayout {
+    work: usize,
+    merge_indptr: usize,
+    merge_rows: usize,
+    partial_o: usize,
+    partial_lse: usize,
+    total: usize,
+}
+
+fn align(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+/// A planned batch decode.
+pub struct BatchDecode {
+    dev: Arc<Device>,
+    cfg: DecodeConfig,
+    tiles: DecodeTiles,
+    decode_fn: KernelFunction,
+    merge_fn: KernelFunction,
+    merge_vec: usize,
+    workspace: Workspace,
+    schedule: DecodeSchedule,
+    layout: WorkspaceLayout,
+    batch_size: usize,
+    kv_indices_len: usize,
+    planned: bool,
+}
+
+impl BatchDecode {
+    /// Compiles (or loads from the cache) the kernels for `cfg` and allocates a workspace.
+    pub fn new(dev: &Arc<Device>, cfg: DecodeConfig) -> Result<Self> {
+        let h = cfg.heads;
+        ensure(HEAD_DIMS.contains(&h.head_dim), "head_dim", || {
+            format!("{} is not one of {HEAD_DIMS:?}", h.head_dim)
+        })?;
+        ensure(h.group_size() <= 16, "num_qo_heads", || {
+            format!("GQA ratio {} is above the supported 16", h.group_size())
+        })?;
+        ensure(cfg.page_size >= 1, "page_size", || "must be at least 1".into())?;
+        for (arg, dt) in [("q_dtype", cfg.q_dtype), ("kv_dtype", cfg.kv_dtype)] {
+            ensure(dt != DType::F32, arg, || "decode takes f16 or bf16".into())?;
+        }
+        let tiles = DecodeTiles::choose(h.head_dim, h.group_size(), cfg.q_dtype, cfg.kv_dtype);
+        let module = dev.module(&tiles.spec())?;
+        module.set_max_dynamic_shared_bytes("batch_decode", tiles.smem_bytes())?;
+        let decode_fn = module.kernel("batch_decode")?;
+        let merge_vec = 4; // f32 partial states, head_dim a multiple of 4
+        let merge_module = dev.module(&crate::merge::merge_spec(DType::F32, cfg.q_dtype, merge_vec))?;
+        let merge_fn = merge_module.kernel("merge_states_varlen")?;
+        let workspace = Workspace::new(dev.stream(), 1 << 20)?;
+        Ok(Self {
+            dev: dev.clone(),
+            cfg,
+            tiles,
+            decode_fn,
+            merge_fn,
+            merge_vec,
+            workspace,
+            schedule: DecodeSchedule::default(),
+            layout: WorkspaceLayout::default(),
+            batch_size: 0,
+            kv_indices_len: 0,
+            planned: false,
+        })
+    }
+
+    /// The kernel specialisation this op runs.
+    pub fn tiles(&self) -> &DecodeTiles {
+        &self.tiles
+    }
+    /// The current plan's schedule.
+    pub fn schedule(&self) -> &DecodeSchedule {
+        &self.schedule
+    }
+    /// Bytes of workspace the current plan needs.
+    pub fn workspace_bytes(&self) -> usize {
+        self.layout.total
+    }
+
+    /// Plans a step for the requests of `table` (host copy of the page table the device holds).
+    pub fn plan(&mut self, table: &PageTable) -> Result<()> {
+        ensure(table.page_size() == self.cfg.page_size, "table", || {
+            format!("page size {} differs from the configured {}", table.page_size(), self.cfg.page_size)
+        })?;
+        let kv_lens = table.kv_lens();
+        ensure(kv_lens.iter().all(|&l| l < i32::MAX as usize), "table", || "a request is too long".into())?;
+        let info = self.dev.info();
+        let wave = info.sm_count * self.tiles.ctas_per_sm(info.smem_per_sm);
+        let page_begin = &table.kv_indptr()[..table.batch_size()];
+        let s = plan_decode(
+            &kv_lens,
+            page_begin,
+            self.cfg.heads.num_kv_heads,
+            wave,
+            self.cfg.allow_split,
+        );
+        let h = self.cfg.heads;
+        let mut l = WorkspaceLayout { work: 0, ..Default::default() };
+        l.merge_indptr = align(s.work.len() * std::mem::size_of::<DecodeWork>());
+        l.merge_rows = l.merge_indptr + align(s.merge_indptr.len() * 4);
+        l.partial_o = l.merge_rows + align(s.merge_rows.len() * 4);
+        l.partial_lse = l.partial_o + align(s.num_partial * h.num_qo_heads * h.head_dim * 4);
+        l.total = l.partial_lse + align(s.num_partial * h.num_qo_heads * 4);
+        if l.total > self.workspace.bytes() {
+            self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
+        }
+        // One host buffer holding the work list and merge lists, copied in one transfer.
+        let mut host = vec![0u8; l.partial_o];
+        // SAFETY: DecodeWork is repr(C) plain old data.
+        let work_bytes = unsafe {
+            std::slice::from_raw_parts(s.work.as_ptr() as *const u8, s.work.len() * std::mem::size_of::<DecodeWork>())
+        };
+        host[..work_bytes.len()].copy_from_slice(work_bytes);
+        for (i, x) in s.merge_indptr.iter().enumerate() {
+            host[l.merge_indptr + 4 * i..][..4].copy_from_slice(&x.to_ne_bytes());
+        }
+        for (i, x) in s.merge_rows.iter().enumerate() {
+            host[l.merge_rows + 4 * i..][..4].copy_from_slice(&x.to_ne_bytes());
+        }
+        // SAFETY: the workspace holds at least l.total >= host.len() bytes; the copy is ordered on
+        // the engine's stream before any launch of run(), and the host buffer is pageable, so the
+        // driver stages it before returning.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                self.workspace.ptr(),
+                host.as_ptr() as *const _,
+                host.len(),
+                self.dev.stream().cu_stream(),
+            )
+            .result()?;
+        }
+        self.schedule = s;
+        self.layout = l;
+        self.batch_size = table.batch_size();
+        self.kv_indices_len = table.kv_indices().len();
+        self.planned = true;
+        Ok(())
+    }
+
+    /// Runs the planned step: `q`, `o` are `[batch, num_qo_heads, head_dim]`, `lse` `[batch,
+    /// num_qo_heads]`; `k_cache`/`v_cache` the page pool described by `kv` (pass the same slice
+    /// twice for a combined `[pages, 2, ...]` tensor); `kv_indices` the device copy of the table's
+    /// page ids given to `plan()`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<Q: Element, KV: Element>(
+        &self,
+        q: DevSlice<Q>,
+        k_cache: DevSlice<KV>,
+        v_cache: DevSlice<KV>,
+        kv: &PagedKvDesc,
+        kv_indices: DevSlice<i32>,
+        o: DevSliceMut<Q>,
+        lse: Option<DevSliceMut<f32>>,
+    ) -> Result<()> {
+        let (cfg, h) = (&self.cfg, self.cfg.heads);
+        ensure(self.planned, "self", || "run() called before plan()".into())?;
+        ensure(Q::DTYPE == cfg.q_dtype, "q", || format!("is {}, configured {}", Q::DTYPE, cfg.q_dtype))?;
+        ensure(KV::DTYPE == cfg.kv_dtype, "k_cache", || {
+            format!("is {}, configured {}", KV::DTYPE, cfg.kv_dtype)
+        })?;
+        ensure(kv.page_size == cfg.page_size, "kv", || {
+            format!("page_size {} differs from the configured {}", kv.page_size, cfg.page_size)
+        })?;
+        ensure(kv.num_kv_heads == h.num_kv_heads, "kv", || {
+            format!("num_kv_heads {} differs from the configured {}", kv.num_kv_heads, h.num_kv_heads)
+        })?;
+        ensure(kv.head_dim == h.head_dim, "kv", || {
+            format!("head_dim {} differs from the configured {}", kv.head_dim, h.head_dim)
+        })?;
+        kv.check_buffers(k_cache.len(), v_cache.len())?;
+        let b = self.batch_size;
+        let rows = b * h.num_qo_heads;
+        ensure(q.len() == rows * h.head_dim, "q", || {
+            format!("has {} elements, expected batch {b} x {} heads x {}", q.len(), h.num_qo_heads, h.head_dim)
+        })?;
+        ensure(o.len() == q.len(), "o", || format!("has {} elements, expected {}", o.len(), q.len()))?;
+        if let Some(l) = &lse {
+            ensure(l.len() == rows, "lse", || format!("has {} elements, expected {rows}", l.len()))?;
+        }
+        ensure(kv_indices.len() >= self.kv_indices_len, "kv_indices", || {
+            format!("has {} entries, the planned table has {}", kv_indices.len(), self.kv_indices_len)
+        })?;
+        let esz = KV::DTYPE.size_bytes() as u64;
+        let v_base = v_cache.ptr() + kv.v_offset.unwrap_or(0) as u64 * esz;
+        for (arg, p) in [("q", q.ptr()), ("o", o.ptr()), ("k_cache", k_cache.ptr()), ("v_cache", v_base)] {
+            ensure(p % 16 == 0, arg, || format!("device pointer {p:#x} is not 16-byte aligned"))?;
+        }
+        ensure((kv.page_stride as u64 * esz) % 16 == 0, "kv", || {
+            format!("page_stride {} is not a multiple of 16 bytes", kv.page_stride)
+        })?;
+        self.workspace.check(self.layout.total)?;
+
+        let ws = self.workspace.ptr();
+        let params = DecodeParams {
+            q: q.ptr(),
+            k: k_cache.ptr(),
+            v: v_base,
+            kv_indices: kv_indices.ptr(),
+            work: ws + self.layout.work as u64,
+            o: o.ptr(),
+            lse: lse.as_ref().map_or(0, |l| l.ptr()),
+            partial_o: ws + self.layout.partial_o as u64,
+            partial_lse: ws + self.layout.partial_lse as u64,
+            page_stride: kv.page_stride as i64,
+            token_stride: kv.token_stride() as i64,
+            head_stride: kv.head_stride() as i64,
+            page_size: kv.page_size as i32,
+            num_qo_heads: h.num_qo_heads as i32,
+            sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
+            lse_out_scale: cfg.params.lse_base.from_log2(1.0),
+        };
+        let launch_cfg = LaunchConfig {
+            grid: (self.schedule.work.len() as u32, h.num_kv_heads as u32, 1),
+            block: self.tiles.block(),
+            smem_bytes: self.tiles.smem_bytes() as u32,
+        };
+        let stream = self.dev.stream();
+        let mut args = crate::kernel_args![&params];
+        // SAFETY: params matches DecodeParams in decode.cuh; every pointer was checked above to
+        // cover the shapes, the work list was written by plan() for this table, and the partial
+        // buffers fit in the workspace (checked).
+        unsafe { launch(self.decode_fn.raw(), launch_cfg, stream, &mut args)? };
+        if self.schedule.num_partial > 0 {
+            let merge_cfg = LaunchConfig {
+                grid: (self.schedule.merge_rows.len() as u32, 1, 1),
+                block: ((h.head_dim / self.merge_vec) as u32, 1, 1),
+                smem_bytes: 0,
+            };
+            let bx = h.head_dim / self.merge_vec;
+            let by = (128 / bx).clamp(1, h.num_qo_heads);
+            let merge_cfg = LaunchConfig {
+                grid: (merge_cfg.grid.0, h.num_qo_heads.div_ceil(by) as u32, 1),
+                block: (bx as u32, by as u32, 1),
+                ..merge_cfg
+            };
+            let (pv, ps) = (params.partial_o, params.partial_lse);
+            let pi = ws + self.layout.merge_indptr as u64;
+            let pr = ws + self.layout.merge_rows as u64;
+            let (po, pso) = (params.o, params.lse);
+            let (nh, hd) = (h.num_qo_heads as i32, h.head_dim as i32);
+            let (to2, from2) = (1.0f32, params.lse_out_scale);
+            let mut args = crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &nh, &hd, &to2, &from2];
+            // SAFETY: the merge lists index only partial slots the decode kernel wrote, and rows
+            // of `o`/`lse` that exist (request indices of this plan).
+            unsafe { launch(self.merge_fn.raw(), merge_cfg, stream, &mut args)? };
+        }
+        Ok(())
+    }
+
+    /// Validates the device copy of the page ids against the pool (a device-to-host copy and a
+    /// sync: for tests and debug builds).
+    pub fn check_kv_indices(&self, kv_indices: DevSlice<i32>, kv: &PagedKvDesc) -> Result<()> {
+        ensure(kv_indices.len() >= self.kv_indices_len, "kv_indices", || {
+            format!("has {} entries, the planned table has {}", kv_indices.len(), self.kv_indices_len)
+        })?;
+        let mut host = vec![0i32; self.kv_indices_len];
+        if host.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: kv_indices holds at least kv_indices_len entries (checked by the caller's run).
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                host.as_mut_ptr() as *mut _,
+                kv_indices.ptr(),
+                host.len() * 4,
+                self.dev.stream().cu_stream(),
+            )
+            .result()?;
+        }
+        self.dev.stream().synchronize()?;
+        if let Some((i, p)) = host.iter().enumerate().find(|(_, &p)| p < 0 || p as usize >= kv.num_pages) {
+            return Err(invalid("kv_indices", format!("kv_indices[{i}] = {p} is outside the pool of {} pages", kv.num_pages)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,147 @@
+//! The decode planner: a pure function of request lengths and the GPU's size.
+//!
+//! Each work item is one (request, KV chunk); the kernel runs it for every KV head. When the batch
+//! alone cannot fill the GPU, long requests are split into chunks (split-KV) whose partial states
+//! are merged exactly afterwards. The chunk size is the smallest (so the most parallel) for which
+//! the items still fit in one wave of resident blocks; splitting further would only add merge work.
+
+/// One unit of decode work, laid out exactly as `DecodeWork` in kernels/decode.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeWork {
+    pub request: i32,
+    /// Index into `kv_indices` of the request's first page.
+    pub page_begin: i32,
+    pub kv_start: i32,
+    pub kv_len: i32,
+    /// Partial-state slot, or -1 when the item writes the final output.
+    pub partial: i32,
+}
+
+/// The schedule of one decode step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodeSchedule {
+    pub work: Vec<DecodeWork>,
+    /// Tokens per chunk (`None`: no request was split).
+    pub chunk_size: Option<usize>,
+    pub num_partial: usize,
+    /// For each split request, its partial slots `merge_indptr[i]..merge_indptr[i+1]`...
+    pub merge_indptr: Vec<i32>,
+    /// ...and the request (output row) they merge into.
+    pub merge_rows: Vec<i32>,
+}
+
+/// Smallest chunk worth a block of its own: below this the merge and the block's start-up cost
+/// more than the parallelism gains.
+pub const MIN_CHUNK: usize = 256;
+/// Chunks are whole multiples of this many tokens (so that they are whole kernel tiles for the
+/// common tile of 32, and whole pages for power-of-two page sizes up to 64).
+pub const CHUNK_ALIGN: usize = 64;
+
+/// Plans a decode step. `kv_lens[i]` tokens of request `i`, its pages starting at
+/// `page_begin[i]`; `num_kv_heads` blocks per work item; `wave` = blocks resident at once.
+pub fn plan_decode(
+    kv_lens: &[usize],
+    page_begin: &[i32],
+    num_kv_heads: usize,
+    wave: usize,
+    allow_split: bool,
+) -> DecodeSchedule {
+    let items_wanted = (wave / num_kv_heads.max(1)).max(1);
+    let max_len = kv_lens.iter().copied().max().unwrap_or(0);
+    let count = |chunk: usize| kv_lens.iter().map(|&l| l.div_ceil(chunk).max(1)).sum::<usize>();
+    let mut chunk = None;
+    if allow_split && kv_lens.len() < items_wanted && max_len > MIN_CHUNK {
+        // Smallest chunk (a multiple of CHUNK_ALIGN tokens) whose item count fits one wave.
+        let round = |c: usize| c.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
+        let (mut lo, mut hi) = (round(MIN_CHUNK), round(max_len));
+        while lo < hi {
+            let mid = round((lo + hi) / 2);
+            let mid = if mid >= hi { lo } else { mid };
+            if count(mid) <= items_wanted {
+                hi = mid;
+            } else {
+                lo = mid + CHUNK_ALIGN;
+            }
+        }
+        if hi < max_len {
+            chunk = Some(hi);
+        }
+    }
+    let mut s = DecodeSchedule { chunk_size: chunk, ..Default::default() };
+    s.merge_indptr.push(0);
+    for (r, &len) in kv_lens.iter().enumerate() {
+        let c = chunk.unwrap_or(len.max(1));
+        let pieces = len.div_ceil(c).max(1);
+        for k in 0..pieces {
+            let start = k * c;
+            let partial = if pieces > 1 { (s.num_partial + k) as i32 } else { -1 };
+            s.work.push(DecodeWork {
+                request: r as i32,
+                page_begin: page_begin[r],
+                kv_start: start as i32,
+                kv_len: (len.min(start + c) - start.min(len)) as i32,
+                partial,
+            });
+        }
+        if pieces > 1 {
+            s.num_partial += pieces;
+            s.merge_indptr.push(s.num_partial as i32);
+            s.merge_rows.push(r as i32);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every token of every request is covered by exactly one item, chunks respect pages, and
+        /// the merge lists name exactly the split requests' slots.
+        #[test]
+        fn covers_every_token_once(
+            lens in proptest::collection::vec(0usize..20_000, 0..40),
+            page_size in 1usize..=64,
+            heads in 1usize..=8,
+            wave in 1usize..=2000,
+        ) {
+            let begin: Vec<i32> = lens.iter().scan(0i32, |acc, &l| {
+                let b = *acc; *acc += l.div_ceil(page_size) as i32; Some(b)
+            }).collect();
+            let s = plan_decode(&lens, &begin, heads, wave, true);
+            let mut covered = vec![0usize; lens.len()];
+            let mut slots = vec![false; s.num_partial];
+            for w in &s.work {
+                let r = w.request as usize;
+                prop_assert_eq!(w.page_begin, begin[r]);
+                prop_assert_eq!(w.kv_start as usize, covered[r]);
+                covered[r] += w.kv_len as usize;
+                if let Some(c) = s.chunk_size { prop_assert_eq!(c % CHUNK_ALIGN, 0); }
+                if w.partial >= 0 {
+                    prop_assert!(!slots[w.partial as usize]);
+                    slots[w.partial as usize] = true;
+                }
+            }
+            prop_assert_eq!(&covered, &lens);
+            prop_assert!(slots.iter().all(|&x| x));
+            prop_assert_eq!(s.merge_indptr.len(), s.merge_rows.len() + 1);
+            prop_assert_eq!(*s.merge_indptr.last().unwrap() as usize, s.num_partial);
+            if s.chunk_size.is_some() {
+                prop_assert!(s.work.len() <= (wave / heads).max(1).max(lens.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn small_batch_of_long_requests_is_split() {
+        let s = plan_decode(&[32768], &[0], 8, 132 * 3, true);
+        assert!(s.chunk_size.is_some());
+        assert!(s.work.len() > 1 && s.work.len() <= 132 * 3 / 8);
+        let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 132 * 3, true);
+        assert_eq!(s.chunk_size, None, "a full batch is not split");
+        assert_eq!(plan_decode(&[0, 5], &[0, 0], 8, 400, true).work.len(), 2);
+    }
+}

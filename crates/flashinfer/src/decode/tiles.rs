@@ -1,0 +1,140 @@
+//! Where the decode kernel's tile sizes are chosen, and its source generated.
+//!
+//! The CUDA-core kernel (kernels/decode.cuh) runs BDX = head_dim / 8 lanes per query head (16-byte
+//! vectors of KV), GROUP query heads per KV head, and BDZ token slots, and streams TILE tokens of K
+//! and V per pipeline stage. Decode is bound by reading KV, so the choices aim at (1) enough bytes
+//! in flight per SM to cover HBM latency (a few tens of KB: stages × tile bytes × CTAs per SM) and
+//! (2) a block of about 128 threads so that several CTAs share an SM. The measurements behind these
+//! numbers are in docs/perf-notes.md.
+
+use crate::dtype::DType;
+use crate::jit::KernelSpec;
+
+/// Template parameters of one decode specialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeTiles {
+    pub head_dim: usize,
+    pub group: usize,
+    pub q_dtype: DType,
+    pub kv_dtype: DType,
+    /// Token slots (independent softmax states) per block.
+    pub bdz: usize,
+    /// Row-load passes per tile; TILE = group * bdz * passes.
+    pub passes: usize,
+    /// cp.async pipeline depth.
+    pub nstage: usize,
+}
+
+/// Threads a block aims for.
+const TARGET_THREADS: usize = 128;
+/// Tokens a tile aims for: 32 rows of K and V is 16 KB per stage at head_dim 128 in bf16.
+const TARGET_TILE: usize = 32;
+/// Shared memory a block may use for its K/V stages; keeps 3 CTAs per SM on Hopper (228 KB).
+const SMEM_BUDGET: usize = 64 * 1024;
+
+impl DecodeTiles {
+    pub fn choose(head_dim: usize, group: usize, q_dtype: DType, kv_dtype: DType) -> Self {
+        let vec = 16 / kv_dtype.size_bytes();
+        let bdx = head_dim / vec;
+        let bdz = (TARGET_THREADS / (bdx * group)).max(1);
+        let passes = (TARGET_TILE / (group * bdz)).max(1);
+        let stage_bytes = 2 * group * bdz * passes * head_dim * kv_dtype.size_bytes();
+        let nstage = (SMEM_BUDGET / stage_bytes).clamp(2, 4);
+        Self { head_dim, group, q_dtype, kv_dtype, bdz, passes, nstage }
+    }
+
+    pub fn vec(&self) -> usize {
+        16 / self.kv_dtype.size_bytes()
+    }
+    pub fn bdx(&self) -> usize {
+        self.head_dim / self.vec()
+    }
+    pub fn tile(&self) -> usize {
+        self.group * self.bdz * self.passes
+    }
+    pub fn threads(&self) -> usize {
+        self.bdx() * self.group * self.bdz
+    }
+    pub fn block(&self) -> (u32, u32, u32) {
+        (self.bdx() as u32, self.group as u32, self.bdz as u32)
+    }
+
+    /// Dynamic shared memory: the K/V stages, or the end-of-kernel state exchange if larger.
+    pub fn smem_bytes(&self) -> usize {
+        let stages = 2 * self.nstage * self.tile() * self.head_dim * self.kv_dtype.size_bytes();
+        let states = self.bdz * self.group * (self.head_dim + 2) * 4;
+        stages.max(states)
+    }
+
+    /// Blocks of this kind one SM can hold (shared memory and threads; registers are assumed not
+    /// to bind at ~128 threads).
+    pub fn ctas_per_sm(&self, smem_per_sm: usize) -> usize {
+        let by_smem = smem_per_sm / (self.smem_bytes() + 1024); // 1 KB reserved per block
+        let by_threads = 2048 / self.threads();
+        by_smem.min(by_threads).clamp(1, 32)
+    }
+
+    /// Readable key naming every template parameter.
+    pub fn name(&self) -> String {
+        format!(
+            "batch_decode_q{}_kv{}_d{}_g{}_z{}_p{}_s{}",
+            self.q_dtype, self.kv_dtype, self.head_dim, self.group, self.bdz, self.passes, self.nstage
+        )
+    }
+
+    pub fn spec(&self) -> KernelSpec {
+        let source = format!(
+            "#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+             constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int BDZ = {z};\n\
+             constexpr int PASSES = {p};\nconstexpr int NSTAGE = {s};\n#include \"decode.cuh\"\n",
+            q = self.q_dtype.cuda_type(),
+            kv = self.kv_dtype.cuda_type(),
+            d = self.head_dim,
+            g = self.group,
+            z = self.bdz,
+            p = self.passes,
+            s = self.nstage,
+        );
+        KernelSpec::new(self.name(), source, ["batch_decode"])
+    }
+}
+
+/// Head dims the decode kernel is built for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Every decode specialisation we ship for the compile-only tier: both 16-bit dtypes, the three
+/// head dims, and the GQA ratios of common models plus odd ones.
+pub(crate) fn specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for dt in [DType::F16, DType::BF16] {
+        for d in HEAD_DIMS {
+            for g in [1, 4, 5, 8] {
+                v.push(DecodeTiles::choose(d, g, dt, dt).spec());
+            }
+        }
+    }
+    v.push(DecodeTiles::choose(128, 4, DType::F16, DType::BF16).spec());
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_hopper_and_divide_evenly() {
+        for d in HEAD_DIMS {
+            for g in 1..=16 {
+                for dt in [DType::F16, DType::BF16] {
+                    let t = DecodeTiles::choose(d, g, dt, dt);
+                    assert!(t.threads() <= 1024, "{t:?}");
+                    assert_eq!(t.tile() % t.bdz, 0);
+                    assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
+                    assert!(t.ctas_per_sm(228 * 1024) >= 1);
+                }
+            }
+        }
+        let t = DecodeTiles::choose(128, 4, DType::BF16, DType::BF16);
+        assert_eq!((t.bdx(), t.bdz, t.tile(), t.threads()), (16, 2, 32, 128));
+    }
+}
