@@ -1,0 +1,112 @@
+// common.cuh: element types, conversions, vector copies and warp reductions shared by every kernel.
+//
+// Our kernels include no CUDA headers (NVRTC provides the built-in intrinsics), so the JIT needs
+// only libnvrtc: f16 and bf16 are 16-bit payloads converted with PTX `cvt`.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+struct half_t { u16 bits; };
+struct bf16_t { u16 bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+__device__ __forceinline__ float to_float(bf16_t x) { return __uint_as_float(((u32)x.bits) << 16); }
+
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ half_t from_float<half_t>(float x) {
+  half_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+  return h;
+}
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
+  bf16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+  return h;
+}
+
+// Two packed 16-bit values in one 32-bit word -> two floats.
+__device__ __forceinline__ void unpack2(half_t, u32 w, float& a, float& b) {
+  half_t lo{(u16)(w & 0xffff)}, hi{(u16)(w >> 16)};
+  a = to_float(lo);
+  b = to_float(hi);
+}
+__device__ __forceinline__ void unpack2(bf16_t, u32 w, float& a, float& b) {
+  a = __uint_as_float(w << 16);
+  b = __uint_as_float(w & 0xffff0000u);
+}
+
+// Loads VEC elements (16 bytes when VEC * sizeof(T) == 16) and widens them to float.
+template <class T, int VEC>
+__device__ __forceinline__ void load_vec_f32(const T* p, float* out) {
+  if constexpr (sizeof(T) == 2 && VEC == 8) {
+    uint4 w = *reinterpret_cast<const uint4*>(p);
+    unpack2(T{}, w.x, out[0], out[1]);
+    unpack2(T{}, w.y, out[2], out[3]);
+    unpack2(T{}, w.z, out[4], out[5]);
+    unpack2(T{}, w.w, out[6], out[7]);
+  } else if constexpr (sizeof(T) == 4 && VEC == 4) {
+    float4 w = *reinterpret_cast<const float4*>(p);
+    out[0] = w.x; out[1] = w.y; out[2] = w.z; out[3] = w.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(p[i]);
+  }
+}
+
+template <class T, int VEC>
+__device__ __forceinline__ void store_vec_f32(T* p, const float* in) {
+  if constexpr (sizeof(T) == 2 && VEC == 8) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      T a = from_float<T>(in[2 * i]), b = from_float<T>(in[2 * i + 1]);
+      w[i] = (u32)a.bits | ((u32)b.bits << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (sizeof(T) == 4 && VEC == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = from_float<T>(in[i]);
+  }
+}
+
+// exp2 on the SFU; arguments here are always <= 0 or -inf, where ex2.approx is accurate to ~2 ulp.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Asynchronous global->shared copies (sm_80+). `src_bytes` < 16 zero-fills the rest, so rows past
+// the end of a request are never read from global memory.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  u32 s = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Sum over groups of `WIDTH` consecutive lanes (WIDTH a power of two <= 32).
+template <int WIDTH>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = WIDTH / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
