@@ -1,0 +1,22 @@
+//! The CUDA headers of `crates/flashinfer/kernels/`, embedded in the binary so that kernels
+//! compile at run time with nothing but libnvrtc on disk. Every compile passes all of them to
+//! NVRTC, so generated source can `#include "common.cuh"`; their contents are part of the cache
+//! key, so editing a header rebuilds every kernel.
+//!
+//! To add a header: put the file in `kernels/` and add one line below.
+
+/// `(file name as included, contents)`, one line per file of `kernels/*.cuh`.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("state.cuh", include_str!("../../kernels/state.cuh")),
+    ("merge.cuh", include_str!("../../kernels/merge.cuh")),
+    ("decode.cuh", include_str!("../../kernels/decode.cuh")),
+];
+
+/// The contents of an embedded header, by file name.
+pub fn header(name: &str) -> Option<&'static str> {
+    HEADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}
