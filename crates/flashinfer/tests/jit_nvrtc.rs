@@ -28,7 +28,11 @@ fn scratch_dir(tag: &str) -> PathBuf {
 /// not required.
 fn jit(tag: &str) -> Option<(Jit, PathBuf)> {
     let dir = scratch_dir(tag);
-    match Jit::with(&SearchEnv::from_process(), DiskCache::open(&dir).unwrap()) {
+    let jit = Jit::with(&SearchEnv::from_process(), DiskCache::open(&dir).unwrap());
+    if jit.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    match jit {
         Ok(jit) => Some((jit, dir)),
         Err(e) if std::env::var("FLASHINFER_REQUIRE_NVRTC").as_deref() == Ok("1") => {
             panic!("FLASHINFER_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}")
