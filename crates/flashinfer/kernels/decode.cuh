@@ -43,7 +43,7 @@ struct DecodeParams {
   const DTypeQ* q;            // [batch, num_qo_heads, HEAD_DIM]
   const DTypeKV* k;           // page pool (K)
   const DTypeKV* v;           // page pool (V)
-  const int* kv_indices;      // page ids
+  const int* kv_indices;      // page ids; null: page i of a request is page_begin + i
   const DecodeWork* work;     // [num_work]
   DTypeO* o;                  // [batch, num_qo_heads, HEAD_DIM]
   float* lse;                 // [batch, num_qo_heads] or null
@@ -86,7 +86,8 @@ batch_decode(const DecodeParams p) {
       int tok = t * TILE + load_row + s * ROWS_PER_PASS;
       if (tok < w.kv_len) {
         int abs_tok = w.kv_start + tok;
-        int page = p.kv_indices[w.page_begin + abs_tok / p.page_size];
+        int page_pos = w.page_begin + abs_tok / p.page_size;
+        int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
         row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok % p.page_size) * p.token_stride + head_off;
       } else {
         row_off[s] = -1;

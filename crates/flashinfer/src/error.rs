@@ -12,11 +12,19 @@ pub enum Error {
 
     /// A shared library or header directory that the GPU path needs was not found.
     #[error("{what} not found. Looked in:\n{}\n{hint}", searched.iter().map(|s| format!("  - {s}")).collect::<Vec<_>>().join("\n"))]
-    NotFound { what: &'static str, searched: Vec<String>, hint: String },
+    NotFound {
+        what: &'static str,
+        searched: Vec<String>,
+        hint: String,
+    },
 
     /// NVRTC rejected a kernel's source. `log` is NVRTC's own compile log.
     #[error("NVRTC could not compile `{kernel}` for {arch}:\n{log}")]
-    Compile { kernel: String, arch: String, log: String },
+    Compile {
+        kernel: String,
+        arch: String,
+        log: String,
+    },
 
     /// An NVRTC call failed outside of compilation proper.
     #[error("NVRTC call {call} failed: {message}")]
@@ -32,7 +40,11 @@ pub enum Error {
 
     /// The workspace given to `run()` is smaller than the plan needs.
     #[error("workspace too small: the plan needs {needed} bytes, `{arg}` has {given}")]
-    WorkspaceTooSmall { arg: &'static str, needed: usize, given: usize },
+    WorkspaceTooSmall {
+        arg: &'static str,
+        needed: usize,
+        given: usize,
+    },
 
     /// A valid request that this build does not implement (yet), e.g. an unsupported head_dim.
     #[error("unsupported: {0}")]
@@ -40,7 +52,10 @@ pub enum Error {
 
     /// File-system error, with the path involved.
     #[error("I/O error on {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Result with [`Error`].
@@ -48,7 +63,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Shorthand for [`Error::InvalidArgument`].
 pub(crate) fn invalid(arg: &'static str, reason: impl Into<String>) -> Error {
-    Error::InvalidArgument { arg, reason: reason.into() }
+    Error::InvalidArgument {
+        arg,
+        reason: reason.into(),
+    }
 }
 
 /// Returns an [`Error::InvalidArgument`] unless `cond` holds.

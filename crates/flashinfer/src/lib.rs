@@ -9,15 +9,16 @@
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
 
-pub mod dtype;
-pub mod error;
-pub mod layout;
-pub mod params;
-pub mod reference;
 pub mod cuda;
 pub mod decode;
+pub mod dtype;
+pub mod error;
 pub mod jit;
+pub mod layout;
 pub mod merge;
+pub mod params;
+pub mod random;
+pub mod reference;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

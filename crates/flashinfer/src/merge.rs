@@ -24,7 +24,12 @@ pub(crate) fn merge_spec(tin: DType, tout: DType, vec: usize) -> KernelSpec {
     KernelSpec::new(
         name,
         source,
-        ["merge_state", "merge_state_in_place", "merge_states", "merge_states_varlen"],
+        [
+            "merge_state",
+            "merge_state_in_place",
+            "merge_states",
+            "merge_states_varlen",
+        ],
     )
 }
 
@@ -44,7 +49,7 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
 /// Vector width: 16 bytes of the input type when head_dim and every pointer allow it.
 fn pick_vec(tin: DType, head_dim: usize, ptrs: &[u64]) -> usize {
     let vec = 16 / tin.size_bytes();
-    if head_dim % vec == 0 && ptrs.iter().all(|p| p % 16 == 0) {
+    if head_dim.is_multiple_of(vec) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
         vec
     } else {
         1
@@ -73,11 +78,15 @@ fn check_shapes(num_heads: usize, head_dim: usize) -> Result<()> {
 }
 
 fn check_len(arg: &'static str, len: usize, want: usize) -> Result<()> {
-    ensure(len == want, arg, || format!("has {len} elements, expected {want}"))
+    ensure(len == want, arg, || {
+        format!("has {len} elements, expected {want}")
+    })
 }
 
 fn check_rows(rows: usize) -> Result<()> {
-    ensure(rows < i32::MAX as usize, "v", || format!("{rows} rows is too many for one launch"))
+    ensure(rows < i32::MAX as usize, "v", || {
+        format!("{rows} rows is too many for one launch")
+    })
 }
 
 /// `(v_out, s_out) = (v_a, s_a) ⊕ (v_b, s_b)`, row by row.
@@ -113,7 +122,14 @@ pub fn merge_state<T: Element>(
     let (h, d) = (num_heads as i32, head_dim as i32);
     let mut args = crate::kernel_args![&pa, &psa, &pb, &psb, &po, &pso, &h, &d, &to2, &from2];
     // SAFETY: argument list matches merge.cuh's merge_state; lengths were checked above.
-    unsafe { launch(func, config(rows, num_heads, head_dim, vec), dev.stream(), &mut args) }
+    unsafe {
+        launch(
+            func,
+            config(rows, num_heads, head_dim, vec),
+            dev.stream(),
+            &mut args,
+        )
+    }
 }
 
 /// `(v, s) ⊕= (v_other, s_other)` for rows whose `mask` byte is nonzero (all rows without mask).
@@ -147,7 +163,14 @@ pub fn merge_state_in_place<T: Element>(
     let (h, d) = (num_heads as i32, head_dim as i32);
     let mut args = crate::kernel_args![&pv, &ps, &po, &pso, &pm, &h, &d, &to2, &from2];
     // SAFETY: argument list matches merge_state_in_place; lengths were checked above.
-    unsafe { launch(func, config(rows, num_heads, head_dim, vec), dev.stream(), &mut args) }
+    unsafe {
+        launch(
+            func,
+            config(rows, num_heads, head_dim, vec),
+            dev.stream(),
+            &mut args,
+        )
+    }
 }
 
 /// Merges `num_states` states per row: `v` `[rows, num_states, heads, dim]` → `v_out` `[rows, heads, dim]`.
@@ -164,7 +187,9 @@ pub fn merge_states<T: Element>(
     s_out: Option<DevSliceMut<f32>>,
 ) -> Result<()> {
     check_shapes(num_heads, head_dim)?;
-    ensure(num_states >= 1, "num_states", || "must be at least 1".into())?;
+    ensure(num_states >= 1, "num_states", || {
+        "must be at least 1".into()
+    })?;
     let rows = s.len() / (num_states * num_heads);
     check_rows(rows)?;
     check_len("s", s.len(), rows * num_states * num_heads)?;
@@ -181,7 +206,14 @@ pub fn merge_states<T: Element>(
     let (n, h, d) = (num_states as i32, num_heads as i32, head_dim as i32);
     let mut args = crate::kernel_args![&pv, &ps, &po, &pso, &n, &h, &d, &to2, &from2];
     // SAFETY: argument list matches merge_states; lengths were checked above.
-    unsafe { launch(func, config(rows, num_heads, head_dim, vec), dev.stream(), &mut args) }
+    unsafe {
+        launch(
+            func,
+            config(rows, num_heads, head_dim, vec),
+            dev.stream(),
+            &mut args,
+        )
+    }
 }
 
 /// Variable-length merge: states `indptr[i]..indptr[i+1]` of `v` `[total, heads, dim]` merge into
@@ -205,9 +237,16 @@ pub fn merge_states_varlen<T: Element>(
     let rows = indptr_host.len() - 1;
     check_rows(rows)?;
     check_len("indptr", indptr.len(), indptr_host.len())?;
-    ensure(*indptr_host.last().unwrap_or(&0) as usize == total, "indptr", || {
-        format!("ends at {}, but `s` holds {total} states", indptr_host.last().unwrap_or(&0))
-    })?;
+    ensure(
+        *indptr_host.last().unwrap_or(&0) as usize == total,
+        "indptr",
+        || {
+            format!(
+                "ends at {}, but `s` holds {total} states",
+                indptr_host.last().unwrap_or(&0)
+            )
+        },
+    )?;
     check_len("s", s.len(), total * num_heads)?;
     check_len("v", v.len(), total * num_heads * head_dim)?;
     check_len("v_out", v_out.len(), rows * num_heads * head_dim)?;
@@ -220,7 +259,17 @@ pub fn merge_states_varlen<T: Element>(
     let pso = s_out.as_ref().map_or(0, |s| s.ptr());
     // SAFETY: indptr was validated against the state count, so every state index is in bounds.
     unsafe {
-        launch_varlen(dev, &spec, vec, rows, num_heads, head_dim, [v.ptr(), s.ptr(), indptr.ptr(), 0, v_out.ptr(), pso], to2, from2)
+        launch_varlen(
+            dev,
+            &spec,
+            vec,
+            rows,
+            num_heads,
+            head_dim,
+            [v.ptr(), s.ptr(), indptr.ptr(), 0, v_out.ptr(), pso],
+            to2,
+            from2,
+        )
     }
 }
 
@@ -246,5 +295,12 @@ pub(crate) unsafe fn launch_varlen(
     let mut args: [*mut c_void; 10] =
         crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &h, &d, &to_log2, &from_log2];
     // SAFETY: forwarded to the caller.
-    unsafe { launch(func, config(rows, num_heads, head_dim, vec), dev.stream(), &mut args) }
+    unsafe {
+        launch(
+            func,
+            config(rows, num_heads, head_dim, vec),
+            dev.stream(),
+            &mut args,
+        )
+    }
 }

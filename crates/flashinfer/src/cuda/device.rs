@@ -41,7 +41,9 @@ pub(crate) fn driver_present() -> bool {
         DRIVER_NAMES.iter().any(|n| {
             // SAFETY: loading the driver library runs its initialisers, which have no
             // preconditions; we keep the handle alive for the process (cudarc loads it again).
-            unsafe { libloading::Library::new(*n) }.map(std::mem::forget).is_ok()
+            unsafe { libloading::Library::new(*n) }
+                .map(std::mem::forget)
+                .is_ok()
         })
     })
 }
@@ -52,7 +54,9 @@ impl Device {
         if !driver_present() {
             return 0;
         }
-        CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+        CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
     }
 
     /// Opens device `ordinal` (its primary context) with an engine-owned stream.
@@ -65,7 +69,9 @@ impl Device {
         }
         let n = Self::count();
         if ordinal >= n {
-            return Err(Error::NoGpu(format!("device {ordinal} requested, {n} present")));
+            return Err(Error::NoGpu(format!(
+                "device {ordinal} requested, {n} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal)?;
         // The engine orders its own work on one stream; cudarc's per-slice event tracking would
@@ -88,7 +94,12 @@ impl Device {
         };
         let stream = ctx.new_stream()?;
         tracing::info!(?info, "opened CUDA device");
-        Ok(Arc::new(Self { ctx, stream, info, modules: ModuleRegistry::default() }))
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            info,
+            modules: ModuleRegistry::default(),
+        }))
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -111,12 +122,17 @@ impl Device {
 
     /// The module of `spec`, compiled (or read from the disk cache) and loaded on first use.
     pub fn module(&self, spec: &KernelSpec) -> Result<Arc<LoadedModule>> {
-        self.modules.get_or_load(&self.ctx, spec, Jit::shared()?, self.info.arch)
+        self.modules
+            .get_or_load(&self.ctx, spec, Jit::shared()?, self.info.arch)
     }
 
     /// Kernel `entry` of `spec`'s module (loaded on first use; the registry keeps it loaded for
     /// the device's lifetime, so the handle stays valid).
-    pub fn kernel(&self, spec: &KernelSpec, entry: &str) -> Result<cudarc::driver::sys::CUfunction> {
+    pub fn kernel(
+        &self,
+        spec: &KernelSpec,
+        entry: &str,
+    ) -> Result<cudarc::driver::sys::CUfunction> {
         self.module(spec)?.function(entry)
     }
 

@@ -9,7 +9,7 @@ mod launch;
 mod tensor;
 mod workspace;
 
-pub use cudarc::driver::{CudaSlice, CudaStream};
+pub use cudarc::driver::{sys, CudaSlice, CudaStream, DriverError};
 pub use device::{Device, DeviceInfo};
 pub use launch::{launch, LaunchConfig};
 pub use tensor::{DevSlice, DevSliceMut, DeviceRepr};

@@ -32,7 +32,11 @@ impl<'a, T> DevSlice<'a, T> {
     /// Views a cudarc slice.
     pub fn new(s: &'a CudaSlice<T>, stream: &CudaStream) -> Self {
         let (ptr, _sync) = s.device_ptr(stream);
-        Self { ptr, len: s.len(), _borrow: PhantomData }
+        Self {
+            ptr,
+            len: s.len(),
+            _borrow: PhantomData,
+        }
     }
 
     /// Views caller-owned device memory.
@@ -42,7 +46,11 @@ impl<'a, T> DevSlice<'a, T> {
     /// context the op runs on, aligned for `T` (16 bytes for vectorised kernels, which check it),
     /// and stay valid and unwritten by others until the op's work on the stream has finished.
     pub unsafe fn from_raw(ptr: CUdeviceptr, len: usize) -> Self {
-        Self { ptr, len, _borrow: PhantomData }
+        Self {
+            ptr,
+            len,
+            _borrow: PhantomData,
+        }
     }
 
     pub fn ptr(&self) -> CUdeviceptr {
@@ -60,7 +68,11 @@ impl<'a, T> DevSliceMut<'a, T> {
     pub fn new(s: &'a mut CudaSlice<T>, stream: &CudaStream) -> Self {
         let len = s.len();
         let (ptr, _sync) = s.device_ptr_mut(stream);
-        Self { ptr, len, _borrow: PhantomData }
+        Self {
+            ptr,
+            len,
+            _borrow: PhantomData,
+        }
     }
 
     /// Views caller-owned writable device memory.
@@ -69,7 +81,11 @@ impl<'a, T> DevSliceMut<'a, T> {
     /// As [`DevSlice::from_raw`], and nothing else may read or write the memory until the op's
     /// work on the stream has finished.
     pub unsafe fn from_raw(ptr: CUdeviceptr, len: usize) -> Self {
-        Self { ptr, len, _borrow: PhantomData }
+        Self {
+            ptr,
+            len,
+            _borrow: PhantomData,
+        }
     }
 
     pub fn ptr(&self) -> CUdeviceptr {
@@ -83,6 +99,10 @@ impl<'a, T> DevSliceMut<'a, T> {
     }
     /// Re-borrows as a shorter-lived writable view.
     pub fn reborrow(&mut self) -> DevSliceMut<'_, T> {
-        DevSliceMut { ptr: self.ptr, len: self.len, _borrow: PhantomData }
+        DevSliceMut {
+            ptr: self.ptr,
+            len: self.len,
+            _borrow: PhantomData,
+        }
     }
 }

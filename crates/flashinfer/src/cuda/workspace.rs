@@ -24,7 +24,11 @@ impl Workspace {
             let (ptr, _sync) = buf.device_ptr(stream);
             ptr
         };
-        Ok(Self { ptr, bytes, _owned: Some(buf) })
+        Ok(Self {
+            ptr,
+            bytes,
+            _owned: Some(buf),
+        })
     }
 
     /// Uses caller-owned device memory as workspace.
@@ -33,7 +37,11 @@ impl Workspace {
     /// `ptr` must be 256-byte aligned device memory of at least `bytes` bytes, reserved for the
     /// engine for as long as the workspace is used, including by CUDA graphs captured with it.
     pub unsafe fn from_raw(ptr: CUdeviceptr, bytes: usize) -> Self {
-        Self { ptr, bytes, _owned: None }
+        Self {
+            ptr,
+            bytes,
+            _owned: None,
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -46,7 +54,11 @@ impl Workspace {
     /// Errors unless `needed` bytes fit.
     pub fn check(&self, needed: usize) -> Result<()> {
         if needed > self.bytes {
-            return Err(Error::WorkspaceTooSmall { arg: "workspace", needed, given: self.bytes });
+            return Err(Error::WorkspaceTooSmall {
+                arg: "workspace",
+                needed,
+                given: self.bytes,
+            });
         }
         Ok(())
     }

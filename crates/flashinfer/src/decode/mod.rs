@@ -9,8 +9,8 @@ mod plan;
 mod tiles;
 
 pub use plan::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
-pub use tiles::{DecodeTiles, HEAD_DIMS};
 pub(crate) use tiles::specs;
+pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
 
 use std::sync::Arc;
 
@@ -27,7 +27,6 @@ use crate::params::AttentionParams;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeConfig {
     pub heads: HeadConfig,
-    pub page_size: usize,
     pub q_dtype: DType,
     pub kv_dtype: DType,
     pub params: AttentionParams,
@@ -57,7 +56,6 @@ struct DecodeParams {
     lse_out_scale: f32,
 }
 
-
 /// Byte offsets of the plan's pieces inside the workspace.
 #[derive(Clone, Copy, Debug, Default)]
 struct WorkspaceLayout {
@@ -85,6 +83,7 @@ pub struct BatchDecode {
     schedule: DecodeSchedule,
     layout: WorkspaceLayout,
     batch_size: usize,
+    page_size: usize,
     kv_indices_len: usize,
     planned: bool,
 }
@@ -93,22 +92,39 @@ impl BatchDecode {
     /// Compiles (or loads from the cache) the kernels for `cfg` and allocates a workspace.
     pub fn new(dev: &Arc<Device>, cfg: DecodeConfig) -> Result<Self> {
         let h = cfg.heads;
+        let tiles = DecodeTiles::choose(h.head_dim, h.group_size(), cfg.q_dtype, cfg.kv_dtype);
+        Self::with_tiles(dev, cfg, tiles)
+    }
+
+    /// As [`BatchDecode::new`] with an explicit kernel specialisation (benchmarks compare paths).
+    pub fn with_tiles(dev: &Arc<Device>, cfg: DecodeConfig, tiles: DecodeTiles) -> Result<Self> {
+        let h = cfg.heads;
         ensure(HEAD_DIMS.contains(&h.head_dim), "head_dim", || {
             format!("{} is not one of {HEAD_DIMS:?}", h.head_dim)
         })?;
         ensure(h.group_size() <= 16, "num_qo_heads", || {
             format!("GQA ratio {} is above the supported 16", h.group_size())
         })?;
-        ensure(cfg.page_size >= 1, "page_size", || "must be at least 1".into())?;
         for (arg, dt) in [("q_dtype", cfg.q_dtype), ("kv_dtype", cfg.kv_dtype)] {
             ensure(dt != DType::F32, arg, || "decode takes f16 or bf16".into())?;
         }
-        let tiles = DecodeTiles::choose(h.head_dim, h.group_size(), cfg.q_dtype, cfg.kv_dtype);
+        ensure(
+            tiles.head_dim == h.head_dim
+                && tiles.group == h.group_size()
+                && tiles.q_dtype == cfg.q_dtype
+                && tiles.kv_dtype == cfg.kv_dtype,
+            "tiles",
+            || format!("{tiles:?} does not match the configuration {cfg:?}"),
+        )?;
         let module = dev.module(&tiles.spec())?;
         module.set_max_dynamic_shared_bytes("batch_decode", tiles.smem_bytes())?;
         let decode_fn = module.kernel("batch_decode")?;
         let merge_vec = 4; // f32 partial states, head_dim a multiple of 4
-        let merge_module = dev.module(&crate::merge::merge_spec(DType::F32, cfg.q_dtype, merge_vec))?;
+        let merge_module = dev.module(&crate::merge::merge_spec(
+            DType::F32,
+            cfg.q_dtype,
+            merge_vec,
+        ))?;
         let merge_fn = merge_module.kernel("merge_states_varlen")?;
         let workspace = Workspace::new(dev.stream(), 1 << 20)?;
         Ok(Self {
@@ -122,6 +138,7 @@ impl BatchDecode {
             schedule: DecodeSchedule::default(),
             layout: WorkspaceLayout::default(),
             batch_size: 0,
+            page_size: 0,
             kv_indices_len: 0,
             planned: false,
         })
@@ -142,11 +159,12 @@ impl BatchDecode {
 
     /// Plans a step for the requests of `table` (host copy of the page table the device holds).
     pub fn plan(&mut self, table: &PageTable) -> Result<()> {
-        ensure(table.page_size() == self.cfg.page_size, "table", || {
-            format!("page size {} differs from the configured {}", table.page_size(), self.cfg.page_size)
-        })?;
         let kv_lens = table.kv_lens();
-        ensure(kv_lens.iter().all(|&l| l < i32::MAX as usize), "table", || "a request is too long".into())?;
+        ensure(
+            kv_lens.iter().all(|&l| l < i32::MAX as usize),
+            "table",
+            || "a request is too long".into(),
+        )?;
         let info = self.dev.info();
         let wave = info.sm_count * self.tiles.ctas_per_sm(info.smem_per_sm);
         let page_begin = &table.kv_indptr()[..table.batch_size()];
@@ -158,7 +176,10 @@ impl BatchDecode {
             self.cfg.allow_split,
         );
         let h = self.cfg.heads;
-        let mut l = WorkspaceLayout { work: 0, ..Default::default() };
+        let mut l = WorkspaceLayout {
+            work: 0,
+            ..Default::default()
+        };
         l.merge_indptr = align(s.work.len() * std::mem::size_of::<DecodeWork>());
         l.merge_rows = l.merge_indptr + align(s.merge_indptr.len() * 4);
         l.partial_o = l.merge_rows + align(s.merge_rows.len() * 4);
@@ -171,7 +192,10 @@ impl BatchDecode {
         let mut host = vec![0u8; l.partial_o];
         // SAFETY: DecodeWork is repr(C) plain old data.
         let work_bytes = unsafe {
-            std::slice::from_raw_parts(s.work.as_ptr() as *const u8, s.work.len() * std::mem::size_of::<DecodeWork>())
+            std::slice::from_raw_parts(
+                s.work.as_ptr() as *const u8,
+                s.work.len() * std::mem::size_of::<DecodeWork>(),
+            )
         };
         host[..work_bytes.len()].copy_from_slice(work_bytes);
         for (i, x) in s.merge_indptr.iter().enumerate() {
@@ -195,6 +219,7 @@ impl BatchDecode {
         self.schedule = s;
         self.layout = l;
         self.batch_size = table.batch_size();
+        self.page_size = table.page_size();
         self.kv_indices_len = table.kv_indices().len();
         self.planned = true;
         Ok(())
@@ -215,42 +240,100 @@ impl BatchDecode {
         o: DevSliceMut<Q>,
         lse: Option<DevSliceMut<f32>>,
     ) -> Result<()> {
+        ensure(
+            kv_indices.len() >= self.kv_indices_len,
+            "kv_indices",
+            || {
+                format!(
+                    "has {} entries, the planned table has {}",
+                    kv_indices.len(),
+                    self.kv_indices_len
+                )
+            },
+        )?;
+        self.launch(q, k_cache, v_cache, kv, kv_indices.ptr(), o, lse)
+    }
+
+    /// `run()` with `kv_indices_ptr` = 0 meaning page i of a request is page `page_begin + i` of
+    /// the pool (contiguous KV).
+    #[allow(clippy::too_many_arguments)]
+    fn launch<Q: Element, KV: Element>(
+        &self,
+        q: DevSlice<Q>,
+        k_cache: DevSlice<KV>,
+        v_cache: DevSlice<KV>,
+        kv: &PagedKvDesc,
+        kv_indices_ptr: u64,
+        o: DevSliceMut<Q>,
+        lse: Option<DevSliceMut<f32>>,
+    ) -> Result<()> {
         let (cfg, h) = (&self.cfg, self.cfg.heads);
         ensure(self.planned, "self", || "run() called before plan()".into())?;
-        ensure(Q::DTYPE == cfg.q_dtype, "q", || format!("is {}, configured {}", Q::DTYPE, cfg.q_dtype))?;
+        ensure(Q::DTYPE == cfg.q_dtype, "q", || {
+            format!("is {}, configured {}", Q::DTYPE, cfg.q_dtype)
+        })?;
         ensure(KV::DTYPE == cfg.kv_dtype, "k_cache", || {
             format!("is {}, configured {}", KV::DTYPE, cfg.kv_dtype)
         })?;
-        ensure(kv.page_size == cfg.page_size, "kv", || {
-            format!("page_size {} differs from the configured {}", kv.page_size, cfg.page_size)
+        ensure(kv.page_size == self.page_size, "kv", || {
+            format!(
+                "page_size {} differs from the planned table's {}",
+                kv.page_size, self.page_size
+            )
         })?;
         ensure(kv.num_kv_heads == h.num_kv_heads, "kv", || {
-            format!("num_kv_heads {} differs from the configured {}", kv.num_kv_heads, h.num_kv_heads)
+            format!(
+                "num_kv_heads {} differs from the configured {}",
+                kv.num_kv_heads, h.num_kv_heads
+            )
         })?;
         ensure(kv.head_dim == h.head_dim, "kv", || {
-            format!("head_dim {} differs from the configured {}", kv.head_dim, h.head_dim)
+            format!(
+                "head_dim {} differs from the configured {}",
+                kv.head_dim, h.head_dim
+            )
         })?;
         kv.check_buffers(k_cache.len(), v_cache.len())?;
         let b = self.batch_size;
         let rows = b * h.num_qo_heads;
         ensure(q.len() == rows * h.head_dim, "q", || {
-            format!("has {} elements, expected batch {b} x {} heads x {}", q.len(), h.num_qo_heads, h.head_dim)
+            format!(
+                "has {} elements, expected batch {b} x {} heads x {}",
+                q.len(),
+                h.num_qo_heads,
+                h.head_dim
+            )
         })?;
-        ensure(o.len() == q.len(), "o", || format!("has {} elements, expected {}", o.len(), q.len()))?;
+        ensure(o.len() == q.len(), "o", || {
+            format!("has {} elements, expected {}", o.len(), q.len())
+        })?;
         if let Some(l) = &lse {
-            ensure(l.len() == rows, "lse", || format!("has {} elements, expected {rows}", l.len()))?;
+            ensure(l.len() == rows, "lse", || {
+                format!("has {} elements, expected {rows}", l.len())
+            })?;
         }
-        ensure(kv_indices.len() >= self.kv_indices_len, "kv_indices", || {
-            format!("has {} entries, the planned table has {}", kv_indices.len(), self.kv_indices_len)
-        })?;
         let esz = KV::DTYPE.size_bytes() as u64;
         let v_base = v_cache.ptr() + kv.v_offset.unwrap_or(0) as u64 * esz;
-        for (arg, p) in [("q", q.ptr()), ("o", o.ptr()), ("k_cache", k_cache.ptr()), ("v_cache", v_base)] {
-            ensure(p % 16 == 0, arg, || format!("device pointer {p:#x} is not 16-byte aligned"))?;
+        for (arg, p) in [
+            ("q", q.ptr()),
+            ("o", o.ptr()),
+            ("k_cache", k_cache.ptr()),
+            ("v_cache", v_base),
+        ] {
+            ensure(p % 16 == 0, arg, || {
+                format!("device pointer {p:#x} is not 16-byte aligned")
+            })?;
         }
-        ensure((kv.page_stride as u64 * esz) % 16 == 0, "kv", || {
-            format!("page_stride {} is not a multiple of 16 bytes", kv.page_stride)
-        })?;
+        ensure(
+            (kv.page_stride as u64 * esz).is_multiple_of(16),
+            "kv",
+            || {
+                format!(
+                    "page_stride {} is not a multiple of 16 bytes",
+                    kv.page_stride
+                )
+            },
+        )?;
         self.workspace.check(self.layout.total)?;
 
         let ws = self.workspace.ptr();
@@ -258,7 +341,7 @@ impl BatchDecode {
             q: q.ptr(),
             k: k_cache.ptr(),
             v: v_base,
-            kv_indices: kv_indices.ptr(),
+            kv_indices: kv_indices_ptr,
             work: ws + self.layout.work as u64,
             o: o.ptr(),
             lse: lse.as_ref().map_or(0, |l| l.ptr()),
@@ -302,7 +385,8 @@ impl BatchDecode {
             let (po, pso) = (params.o, params.lse);
             let (nh, hd) = (h.num_qo_heads as i32, h.head_dim as i32);
             let (to2, from2) = (1.0f32, params.lse_out_scale);
-            let mut args = crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &nh, &hd, &to2, &from2];
+            let mut args =
+                crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &nh, &hd, &to2, &from2];
             // SAFETY: the merge lists index only partial slots the decode kernel wrote, and rows
             // of `o`/`lse` that exist (request indices of this plan).
             unsafe { launch(self.merge_fn.raw(), merge_cfg, stream, &mut args)? };
@@ -313,9 +397,17 @@ impl BatchDecode {
     /// Validates the device copy of the page ids against the pool (a device-to-host copy and a
     /// sync: for tests and debug builds).
     pub fn check_kv_indices(&self, kv_indices: DevSlice<i32>, kv: &PagedKvDesc) -> Result<()> {
-        ensure(kv_indices.len() >= self.kv_indices_len, "kv_indices", || {
-            format!("has {} entries, the planned table has {}", kv_indices.len(), self.kv_indices_len)
-        })?;
+        ensure(
+            kv_indices.len() >= self.kv_indices_len,
+            "kv_indices",
+            || {
+                format!(
+                    "has {} entries, the planned table has {}",
+                    kv_indices.len(),
+                    self.kv_indices_len
+                )
+            },
+        )?;
         let mut host = vec![0i32; self.kv_indices_len];
         if host.is_empty() {
             return Ok(());
@@ -331,9 +423,73 @@ impl BatchDecode {
             .result()?;
         }
         self.dev.stream().synchronize()?;
-        if let Some((i, p)) = host.iter().enumerate().find(|(_, &p)| p < 0 || p as usize >= kv.num_pages) {
-            return Err(invalid("kv_indices", format!("kv_indices[{i}] = {p} is outside the pool of {} pages", kv.num_pages)));
+        if let Some((i, p)) = host
+            .iter()
+            .enumerate()
+            .find(|(_, &p)| p < 0 || p as usize >= kv.num_pages)
+        {
+            return Err(invalid(
+                "kv_indices",
+                format!(
+                    "kv_indices[{i}] = {p} is outside the pool of {} pages",
+                    kv.num_pages
+                ),
+            ));
         }
         Ok(())
+    }
+}
+
+/// Decode of one request over contiguous K/V `[kv_len, num_kv_heads, head_dim]` (NHD).
+///
+/// Contiguous KV is the paged case with one page holding the whole request, so this plans and
+/// runs the same kernel; the plan is redone each call (host work plus one small copy).
+pub struct SingleDecode {
+    inner: BatchDecode,
+}
+
+impl SingleDecode {
+    pub fn new(dev: &Arc<Device>, cfg: DecodeConfig) -> Result<Self> {
+        Ok(Self {
+            inner: BatchDecode::new(dev, cfg)?,
+        })
+    }
+
+    /// `q`, `o`: `[num_qo_heads, head_dim]`; `k`, `v`: `[kv_len, num_kv_heads, head_dim]`;
+    /// `lse`: `[num_qo_heads]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<Q: Element, KV: Element>(
+        &mut self,
+        q: DevSlice<Q>,
+        k: DevSlice<KV>,
+        v: DevSlice<KV>,
+        kv_len: usize,
+        o: DevSliceMut<Q>,
+        lse: Option<DevSliceMut<f32>>,
+    ) -> Result<()> {
+        let h = self.inner.cfg.heads;
+        let page = kv_len.max(1);
+        let pages = usize::from(kv_len > 0);
+        let table = PageTable::from_kv_lens(&[kv_len], page, &[0], pages)?;
+        let desc = PagedKvDesc::new(
+            crate::layout::KvLayout::Nhd,
+            pages,
+            page,
+            h.num_kv_heads,
+            h.head_dim,
+        )?;
+        ensure(k.len() == kv_len * h.num_kv_heads * h.head_dim, "k", || {
+            format!(
+                "has {} elements, expected kv_len {kv_len} x {} x {}",
+                k.len(),
+                h.num_kv_heads,
+                h.head_dim
+            )
+        })?;
+        ensure(v.len() == k.len(), "v", || {
+            format!("has {} elements, expected {}", v.len(), k.len())
+        })?;
+        self.inner.plan(&table)?;
+        self.inner.launch(q, k, v, &desc, 0, o, lse)
     }
 }

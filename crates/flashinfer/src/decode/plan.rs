@@ -49,7 +49,12 @@ pub fn plan_decode(
 ) -> DecodeSchedule {
     let items_wanted = (wave / num_kv_heads.max(1)).max(1);
     let max_len = kv_lens.iter().copied().max().unwrap_or(0);
-    let count = |chunk: usize| kv_lens.iter().map(|&l| l.div_ceil(chunk).max(1)).sum::<usize>();
+    let count = |chunk: usize| {
+        kv_lens
+            .iter()
+            .map(|&l| l.div_ceil(chunk).max(1))
+            .sum::<usize>()
+    };
     let mut chunk = None;
     if allow_split && kv_lens.len() < items_wanted && max_len > MIN_CHUNK {
         // Smallest chunk (a multiple of CHUNK_ALIGN tokens) whose item count fits one wave.
@@ -68,14 +73,21 @@ pub fn plan_decode(
             chunk = Some(hi);
         }
     }
-    let mut s = DecodeSchedule { chunk_size: chunk, ..Default::default() };
+    let mut s = DecodeSchedule {
+        chunk_size: chunk,
+        ..Default::default()
+    };
     s.merge_indptr.push(0);
     for (r, &len) in kv_lens.iter().enumerate() {
         let c = chunk.unwrap_or(len.max(1));
         let pieces = len.div_ceil(c).max(1);
         for k in 0..pieces {
             let start = k * c;
-            let partial = if pieces > 1 { (s.num_partial + k) as i32 } else { -1 };
+            let partial = if pieces > 1 {
+                (s.num_partial + k) as i32
+            } else {
+                -1
+            };
             s.work.push(DecodeWork {
                 request: r as i32,
                 page_begin: page_begin[r],

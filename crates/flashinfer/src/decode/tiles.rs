@@ -10,16 +10,27 @@
 use crate::dtype::DType;
 use crate::jit::KernelSpec;
 
+/// Which kernel a decode specialisation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodePath {
+    /// kernels/decode.cuh: CUDA cores, one lane group per query head.
+    Simt,
+    /// kernels/decode_tc.cuh: tensor cores, the GROUP query heads as rows of one mma tile.
+    TensorCore,
+}
+
 /// Template parameters of one decode specialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeTiles {
+    pub path: DecodePath,
     pub head_dim: usize,
     pub group: usize,
     pub q_dtype: DType,
     pub kv_dtype: DType,
     /// Token slots (independent softmax states) per block.
     pub bdz: usize,
-    /// Row-load passes per tile; TILE = group * bdz * passes.
+    /// Simt: row-load passes per tile, TILE = group * bdz * passes.
+    /// TensorCore: 16-token k-steps per warp per tile, TILE = 4 warps * 16 * passes.
     pub passes: usize,
     /// cp.async pipeline depth.
     pub nstage: usize,
@@ -31,16 +42,58 @@ const TARGET_THREADS: usize = 128;
 const TARGET_TILE: usize = 32;
 /// Shared memory a block may use for its K/V stages; keeps 3 CTAs per SM on Hopper (228 KB).
 const SMEM_BUDGET: usize = 64 * 1024;
+/// The same for the tensor-core kernel: 96 KB, 2 blocks per SM.
+const SMEM_BUDGET_TC: usize = 96 * 1024;
+
+/// Query heads per KV head from which the tensor-core kernel is used (see docs/perf-notes.md).
+pub const TENSOR_CORE_MIN_GROUP: usize = 1;
 
 impl DecodeTiles {
+    /// The specialisation the engine runs for this shape.
     pub fn choose(head_dim: usize, group: usize, q_dtype: DType, kv_dtype: DType) -> Self {
+        if group >= TENSOR_CORE_MIN_GROUP {
+            Self::tensor_core(head_dim, group, q_dtype, kv_dtype)
+        } else {
+            Self::simt(head_dim, group, q_dtype, kv_dtype)
+        }
+    }
+
+    /// The tensor-core kernel: 4 warps of 16 * KT tokens each per tile; 3 stages of 64-token
+    /// K and V tiles (96 KB at head_dim 128) keep 2 blocks per SM.
+    pub fn tensor_core(head_dim: usize, group: usize, q_dtype: DType, kv_dtype: DType) -> Self {
+        let kt = 1;
+        let stage_bytes = 2 * 4 * 16 * kt * head_dim * kv_dtype.size_bytes();
+        let nstage = (SMEM_BUDGET_TC / stage_bytes).clamp(2, 4);
+        Self {
+            path: DecodePath::TensorCore,
+            head_dim,
+            group,
+            q_dtype,
+            kv_dtype,
+            bdz: 1,
+            passes: kt,
+            nstage,
+        }
+    }
+
+    /// The CUDA-core kernel.
+    pub fn simt(head_dim: usize, group: usize, q_dtype: DType, kv_dtype: DType) -> Self {
         let vec = 16 / kv_dtype.size_bytes();
         let bdx = head_dim / vec;
         let bdz = (TARGET_THREADS / (bdx * group)).max(1);
         let passes = (TARGET_TILE / (group * bdz)).max(1);
         let stage_bytes = 2 * group * bdz * passes * head_dim * kv_dtype.size_bytes();
         let nstage = (SMEM_BUDGET / stage_bytes).clamp(2, 4);
-        Self { head_dim, group, q_dtype, kv_dtype, bdz, passes, nstage }
+        Self {
+            path: DecodePath::Simt,
+            head_dim,
+            group,
+            q_dtype,
+            kv_dtype,
+            bdz,
+            passes,
+            nstage,
+        }
     }
 
     pub fn vec(&self) -> usize {
@@ -50,19 +103,31 @@ impl DecodeTiles {
         self.head_dim / self.vec()
     }
     pub fn tile(&self) -> usize {
-        self.group * self.bdz * self.passes
+        match self.path {
+            DecodePath::Simt => self.group * self.bdz * self.passes,
+            DecodePath::TensorCore => 4 * 16 * self.passes,
+        }
     }
     pub fn threads(&self) -> usize {
-        self.bdx() * self.group * self.bdz
+        match self.path {
+            DecodePath::Simt => self.bdx() * self.group * self.bdz,
+            DecodePath::TensorCore => 128,
+        }
     }
     pub fn block(&self) -> (u32, u32, u32) {
-        (self.bdx() as u32, self.group as u32, self.bdz as u32)
+        match self.path {
+            DecodePath::Simt => (self.bdx() as u32, self.group as u32, self.bdz as u32),
+            DecodePath::TensorCore => (128, 1, 1),
+        }
     }
 
     /// Dynamic shared memory: the K/V stages, or the end-of-kernel state exchange if larger.
     pub fn smem_bytes(&self) -> usize {
         let stages = 2 * self.nstage * self.tile() * self.head_dim * self.kv_dtype.size_bytes();
-        let states = self.bdz * self.group * (self.head_dim + 2) * 4;
+        let states = match self.path {
+            DecodePath::Simt => self.bdz * self.group * (self.head_dim + 2) * 4,
+            DecodePath::TensorCore => 4 * (self.group * self.head_dim + 32) * 4,
+        };
         stages.max(states)
     }
 
@@ -76,13 +141,39 @@ impl DecodeTiles {
 
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
-        format!(
-            "batch_decode_q{}_kv{}_d{}_g{}_z{}_p{}_s{}",
-            self.q_dtype, self.kv_dtype, self.head_dim, self.group, self.bdz, self.passes, self.nstage
-        )
+        match self.path {
+            DecodePath::Simt => format!(
+                "batch_decode_q{}_kv{}_d{}_g{}_z{}_p{}_s{}",
+                self.q_dtype,
+                self.kv_dtype,
+                self.head_dim,
+                self.group,
+                self.bdz,
+                self.passes,
+                self.nstage
+            ),
+            DecodePath::TensorCore => format!(
+                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}",
+                self.q_dtype, self.kv_dtype, self.head_dim, self.group, self.passes, self.nstage
+            ),
+        }
     }
 
     pub fn spec(&self) -> KernelSpec {
+        if self.path == DecodePath::TensorCore {
+            let source = format!(
+                "#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+                 constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int KT = {kt};\n\
+                 constexpr int NSTAGE = {s};\n#include \"decode_tc.cuh\"\n",
+                q = self.q_dtype.cuda_type(),
+                kv = self.kv_dtype.cuda_type(),
+                d = self.head_dim,
+                g = self.group,
+                kt = self.passes,
+                s = self.nstage,
+            );
+            return KernelSpec::new(self.name(), source, ["batch_decode"]);
+        }
         let source = format!(
             "#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
              constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int BDZ = {z};\n\
@@ -108,8 +199,9 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
     let mut v = Vec::new();
     for dt in [DType::F16, DType::BF16] {
         for d in HEAD_DIMS {
-            for g in [1, 4, 5, 8] {
-                v.push(DecodeTiles::choose(d, g, dt, dt).spec());
+            for g in [1, 4, 5, 8, 16] {
+                v.push(DecodeTiles::simt(d, g, dt, dt).spec());
+                v.push(DecodeTiles::tensor_core(d, g, dt, dt).spec());
             }
         }
     }
@@ -126,15 +218,24 @@ mod tests {
         for d in HEAD_DIMS {
             for g in 1..=16 {
                 for dt in [DType::F16, DType::BF16] {
-                    let t = DecodeTiles::choose(d, g, dt, dt);
-                    assert!(t.threads() <= 1024, "{t:?}");
-                    assert_eq!(t.tile() % t.bdz, 0);
-                    assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
-                    assert!(t.ctas_per_sm(228 * 1024) >= 1);
+                    for t in [
+                        DecodeTiles::simt(d, g, dt, dt),
+                        DecodeTiles::tensor_core(d, g, dt, dt),
+                    ] {
+                        assert!(t.threads() <= 1024, "{t:?}");
+                        assert_eq!(t.tile() % t.bdz, 0);
+                        assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
+                        assert!(t.ctas_per_sm(228 * 1024) >= 1);
+                    }
                 }
             }
         }
-        let t = DecodeTiles::choose(128, 4, DType::BF16, DType::BF16);
+        let t = DecodeTiles::simt(128, 4, DType::BF16, DType::BF16);
         assert_eq!((t.bdx(), t.bdz, t.tile(), t.threads()), (16, 2, 32, 128));
+        let t = DecodeTiles::tensor_core(128, 4, DType::BF16, DType::BF16);
+        assert_eq!(
+            (t.tile(), t.threads(), t.nstage, t.smem_bytes()),
+            (64, 128, 3, 96 * 1024)
+        );
     }
 }

@@ -11,6 +11,8 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("state.cuh", include_str!("../../kernels/state.cuh")),
     ("merge.cuh", include_str!("../../kernels/merge.cuh")),
     ("decode.cuh", include_str!("../../kernels/decode.cuh")),
+    ("mma.cuh", include_str!("../../kernels/mma.cuh")),
+    ("decode_tc.cuh", include_str!("../../kernels/decode_tc.cuh")),
 ];
 
 /// The contents of an embedded header, by file name.

@@ -30,8 +30,12 @@ impl Bsr {
         indptr: &[i32],
         indices: &[i32],
     ) -> Result<Self> {
-        ensure(block_rows >= 1, "block_rows", || "must be at least 1".into())?;
-        ensure(block_cols >= 1, "block_cols", || "must be at least 1".into())?;
+        ensure(block_rows >= 1, "block_rows", || {
+            "must be at least 1".into()
+        })?;
+        ensure(block_cols >= 1, "block_cols", || {
+            "must be at least 1".into()
+        })?;
         let mb = num_rows.div_ceil(block_rows);
         let nb = num_cols.div_ceil(block_cols);
         validate_indptr("indptr", indptr, Some(mb), None)?;

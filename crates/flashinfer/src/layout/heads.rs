@@ -12,13 +12,23 @@ pub struct HeadConfig {
 
 impl HeadConfig {
     pub fn new(num_qo_heads: usize, num_kv_heads: usize, head_dim: usize) -> Result<Self> {
-        ensure(num_qo_heads > 0, "num_qo_heads", || "must be at least 1".into())?;
-        ensure(num_kv_heads > 0, "num_kv_heads", || "must be at least 1".into())?;
-        ensure(num_qo_heads % num_kv_heads == 0, "num_kv_heads", || {
-            format!("{num_kv_heads} does not divide num_qo_heads = {num_qo_heads}")
+        ensure(num_qo_heads > 0, "num_qo_heads", || {
+            "must be at least 1".into()
         })?;
+        ensure(num_kv_heads > 0, "num_kv_heads", || {
+            "must be at least 1".into()
+        })?;
+        ensure(
+            num_qo_heads.is_multiple_of(num_kv_heads),
+            "num_kv_heads",
+            || format!("{num_kv_heads} does not divide num_qo_heads = {num_qo_heads}"),
+        )?;
         ensure(head_dim > 0, "head_dim", || "must be at least 1".into())?;
-        Ok(Self { num_qo_heads, num_kv_heads, head_dim })
+        Ok(Self {
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+        })
     }
 
     /// Query heads per KV head (the GQA ratio).

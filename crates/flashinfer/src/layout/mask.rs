@@ -29,7 +29,11 @@ impl CustomMask {
         kv_lens: &[usize],
     ) -> Result<Self> {
         ensure(qo_lens.len() == kv_lens.len(), "kv_lens", || {
-            format!("has {} requests, qo_lens has {}", kv_lens.len(), qo_lens.len())
+            format!(
+                "has {} requests, qo_lens has {}",
+                kv_lens.len(),
+                qo_lens.len()
+            )
         })?;
         // No capacity bound here: a `bits` buffer too short for consistent offsets is the fault
         // of `custom_mask`, reported below, not of `mask_indptr`.
@@ -59,14 +63,21 @@ impl CustomMask {
     /// Packs per-request boolean masks (each row-major `[qo_len, kv_len]`).
     pub fn pack(masks: &[Vec<bool>], qo_lens: &[usize], kv_lens: &[usize]) -> Result<Self> {
         ensure(masks.len() == qo_lens.len(), "masks", || {
-            format!("has {} requests, qo_lens has {}", masks.len(), qo_lens.len())
+            format!(
+                "has {} requests, qo_lens has {}",
+                masks.len(),
+                qo_lens.len()
+            )
         })?;
         let mut bits = Vec::new();
         let mut indptr = vec![0i32];
         for (i, m) in masks.iter().enumerate() {
             let (q, k) = (qo_lens[i], *kv_lens.get(i).unwrap_or(&0));
             ensure(m.len() == q * k, "masks", || {
-                format!("request {i} has {} entries, expected qo_len {q} x kv_len {k}", m.len())
+                format!(
+                    "request {i} has {} entries, expected qo_len {q} x kv_len {k}",
+                    m.len()
+                )
             })?;
             let start = bits.len();
             bits.resize(start + Self::bytes_for(q, k), 0u8);

@@ -26,16 +26,31 @@ pub(crate) fn validate_indptr(
     batch: Option<usize>,
     capacity: Option<usize>,
 ) -> Result<()> {
-    ensure(!indptr.is_empty(), arg, || "is empty; it needs batch_size + 1 entries".into())?;
+    ensure(!indptr.is_empty(), arg, || {
+        "is empty; it needs batch_size + 1 entries".into()
+    })?;
     if let Some(b) = batch {
         ensure(indptr.len() == b + 1, arg, || {
-            format!("has {} entries, expected batch_size + 1 = {}", indptr.len(), b + 1)
+            format!(
+                "has {} entries, expected batch_size + 1 = {}",
+                indptr.len(),
+                b + 1
+            )
         })?;
     }
-    ensure(indptr[0] == 0, arg, || format!("indptr[0] = {}, must be 0", indptr[0]))?;
+    ensure(indptr[0] == 0, arg, || {
+        format!("indptr[0] = {}, must be 0", indptr[0])
+    })?;
     for (i, w) in indptr.windows(2).enumerate() {
         ensure(w[1] >= w[0], arg, || {
-            format!("decreases at {}: indptr[{}] = {} > indptr[{}] = {}", i + 1, i, w[0], i + 1, w[1])
+            format!(
+                "decreases at {}: indptr[{}] = {} > indptr[{}] = {}",
+                i + 1,
+                i,
+                w[0],
+                i + 1,
+                w[1]
+            )
         })?;
     }
     if let Some(cap) = capacity {

@@ -63,7 +63,9 @@ impl PagedKvDesc {
         head_dim: usize,
     ) -> Result<Self> {
         ensure(page_size >= 1, "page_size", || "must be at least 1".into())?;
-        ensure(num_kv_heads >= 1, "num_kv_heads", || "must be at least 1".into())?;
+        ensure(num_kv_heads >= 1, "num_kv_heads", || {
+            "must be at least 1".into()
+        })?;
         ensure(head_dim >= 1, "head_dim", || "must be at least 1".into())?;
         let page_elems = page_size * num_kv_heads * head_dim;
         Ok(Self {
@@ -150,11 +152,17 @@ impl PagedKvDesc {
     pub fn check_buffers(&self, k_len: usize, v_len: usize) -> Result<()> {
         let need = self.required_len();
         ensure(k_len >= need, "k_cache", || {
-            format!("has {k_len} elements; the pool of {} pages needs {need}", self.num_pages)
+            format!(
+                "has {k_len} elements; the pool of {} pages needs {need}",
+                self.num_pages
+            )
         })?;
         if self.v_offset.is_none() {
             ensure(v_len >= need, "v_cache", || {
-                format!("has {v_len} elements; the pool of {} pages needs {need}", self.num_pages)
+                format!(
+                    "has {v_len} elements; the pool of {} pages needs {need}",
+                    self.num_pages
+                )
             })?;
         }
         Ok(())
@@ -229,7 +237,10 @@ impl PageTable {
         validate_indptr("kv_indptr", kv_indptr, Some(batch), None)?;
         let used = *kv_indptr.last().unwrap_or(&0) as usize;
         ensure(used == kv_indices.len(), "kv_indices", || {
-            format!("has {} entries but kv_indptr[batch] = {used}", kv_indices.len())
+            format!(
+                "has {} entries but kv_indptr[batch] = {used}",
+                kv_indices.len()
+            )
         })?;
         for (i, &p) in kv_indices.iter().enumerate() {
             ensure(p >= 0 && (p as usize) < num_pages, "kv_indices", || {
@@ -243,9 +254,11 @@ impl PageTable {
                     format!("kv_last_page_len[{i}] = {l} for a request with no pages; must be 0")
                 })?;
             } else {
-                ensure(l >= 1 && l as usize <= page_size, "kv_last_page_len", || {
-                    format!("kv_last_page_len[{i}] = {l} is outside 1..={page_size}")
-                })?;
+                ensure(
+                    l >= 1 && l as usize <= page_size,
+                    "kv_last_page_len",
+                    || format!("kv_last_page_len[{i}] = {l} is outside 1..={page_size}"),
+                )?;
             }
         }
         Ok(Self {
@@ -279,7 +292,11 @@ impl PageTable {
         for &l in kv_lens {
             let pages = l.div_ceil(page_size);
             indptr.push(indptr.last().unwrap() + pages as i32);
-            last.push(if l == 0 { 0 } else { (l - (pages - 1) * page_size) as i32 });
+            last.push(if l == 0 {
+                0
+            } else {
+                (l - (pages - 1) * page_size) as i32
+            });
         }
         Self::new(&indptr, &page_ids[..need], &last, page_size, num_pages)
     }

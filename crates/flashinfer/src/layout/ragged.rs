@@ -13,7 +13,9 @@ impl Ragged {
     /// Validates `indptr` (named `arg` in errors): `indptr[0] == 0`, non-decreasing.
     pub fn new(arg: &'static str, indptr: &[i32]) -> Result<Self> {
         validate_indptr(arg, indptr, None, None)?;
-        Ok(Self { indptr: indptr.to_vec() })
+        Ok(Self {
+            indptr: indptr.to_vec(),
+        })
     }
 
     /// Builds the prefix sum of `lens`.

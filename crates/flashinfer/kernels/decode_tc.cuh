@@ -1,0 +1,279 @@
+// decode_tc.cuh: batch decode on a paged KV cache, tensor-core path.
+//
+// Same work as decode.cuh (one query token per request; per work item and KV head, the GROUP
+// query heads sharing that KV head over a chunk of keys), but q·k and p·v run on the tensor cores:
+// the GROUP query heads are the rows of a 16-row mma tile (the paper's appendix A: query heads of a
+// KV head fused into one tile), so every K and V element is read from shared memory and converted
+// once for all of them. Rows >= GROUP are zero padding and never written.
+//
+// The generated source defines DTypeQ, DTypeKV, DTypeO, HEAD_DIM (64/128/256), GROUP (<= 16),
+// KT (16-token k-steps per warp per tile) and NSTAGE; decode/tiles.rs chooses them.
+//
+// Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads (16-byte
+// cp.async copies, page ids resolved one tile ahead); warp w then attends tokens
+// [w * 16 * KT, (w + 1) * 16 * KT) of the tile with its own online-softmax state. The four states
+// merge through shared memory at the end.
+// Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
+// XOR-permuted by row, see mma.cuh), reused for the 4 warps' states at the end.
+#pragma once
+#include "mma.cuh"
+#include "state.cuh"
+
+constexpr int NUM_WARPS = 4;
+constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int WARP_TOKENS = 16 * KT;
+constexpr int TILE = NUM_WARPS * WARP_TOKENS;
+constexpr int CHUNKS = HEAD_DIM / 8;             // 16-byte chunks per row
+constexpr int ROWS_PER_PASS = NUM_THREADS / CHUNKS;
+constexpr int PASSES = TILE / ROWS_PER_PASS;
+static_assert(sizeof(DTypeKV) == 2, "tensor-core decode needs 16-bit KV");
+static_assert(GROUP <= 16, "at most 16 query heads per KV head");
+static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
+
+struct DecodeWork {
+  int request, page_begin, kv_start, kv_len, partial;
+};
+
+struct DecodeParams {
+  const DTypeQ* q;
+  const DTypeKV* k;
+  const DTypeKV* v;
+  const int* kv_indices;      // null: page i of a request is page_begin + i
+  const DecodeWork* work;
+  DTypeO* o;
+  float* lse;
+  float* partial_o;
+  float* partial_lse;
+  long long page_stride;
+  long long token_stride;
+  long long head_stride;
+  int page_size;
+  int num_qo_heads;
+  float sm_scale_log2;
+  float lse_out_scale;
+};
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+batch_decode(const DecodeParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
+  DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int kv_head = blockIdx.y;
+  const DecodeWork w = p.work[blockIdx.x];
+
+  // Query fragments (A operand), converted to the KV type for the mma; rows >= GROUP are zero.
+  u32 qa[HEAD_DIM / 16][4];
+  {
+    const DTypeQ* q0 = p.q + ((long long)w.request * p.num_qo_heads + kv_head * GROUP) * HEAD_DIM;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + (r & 1) * 8, col = ks * 16 + 2 * t + (r >> 1) * 8;
+        float a = 0.f, b = 0.f;
+        if (row < GROUP) {
+          a = to_float(q0[row * HEAD_DIM + col]);
+          b = to_float(q0[row * HEAD_DIM + col + 1]);
+        }
+        qa[ks][r] = pack2<DTypeKV>(a, b);
+      }
+    }
+  }
+
+  // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS.
+  const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
+  const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
+  long long row_off[PASSES];
+  auto resolve_rows = [&](int tile) {
+#pragma unroll
+    for (int s = 0; s < PASSES; ++s) {
+      const int tok = tile * TILE + ld_row + s * ROWS_PER_PASS;
+      if (tok < w.kv_len) {
+        const int abs_tok = w.kv_start + tok;
+        const int page_pos = w.page_begin + abs_tok / p.page_size;
+        const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
+        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok % p.page_size) * p.token_stride + head_off;
+      } else {
+        row_off[s] = -1;
+      }
+    }
+  };
+  auto issue_tile = [&](int stage) {
+#pragma unroll
+    for (int s = 0; s < PASSES; ++s) {
+      const int r = ld_row + s * ROWS_PER_PASS;
+      const int so = stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(r, ld_chunk);
+      const bool ok = row_off[s] >= 0;
+      const long long off = ok ? row_off[s] : 0;
+      cp_async_16(k_smem + so, p.k + off, ok ? 16 : 0);
+      cp_async_16(v_smem + so, p.v + off, ok ? 16 : 0);
+    }
+  };
+
+  const int num_tiles = (w.kv_len + TILE - 1) / TILE;
+  resolve_rows(0);
+#pragma unroll
+  for (int s = 0; s < NSTAGE - 1; ++s) {
+    if (s < num_tiles) {
+      issue_tile(s);
+      resolve_rows(s + 1);
+    }
+    cp_async_commit();
+  }
+
+  // Online-softmax state of rows g and g + 8 (base 2). d is this thread's partial row sum.
+  float m[2] = {NEG_INF, NEG_INF}, d[2] = {0.f, 0.f};
+  float o[HEAD_DIM / 8][4];
+#pragma unroll
+  for (int n = 0; n < HEAD_DIM / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<NSTAGE - 2>();
+    __syncthreads();
+    {
+      const int next = tile + NSTAGE - 1;
+      if (next < num_tiles) {
+        issue_tile(next % NSTAGE);
+        resolve_rows(next + 1);
+      }
+      cp_async_commit();
+    }
+    const DTypeKV* ks_base = k_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
+    const DTypeKV* vs_base = v_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
+    const int row0 = warp * WARP_TOKENS;                   // first tile row of this warp
+    const int valid = w.kv_len - (tile * TILE + row0);      // rows of this warp in range
+    if (valid <= 0) continue;
+
+    // S = Q K^T for this warp's 16 * KT tokens: 2 * KT n-tiles of 8 tokens.
+    float s[2 * KT][4];
+#pragma unroll
+    for (int j = 0; j < 2 * KT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 2 * KT; ++j) {
+        u32 kb[4];
+        ldmatrix_x4(kb, ks_base + swizzle<HEAD_DIM>(row0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+        mma_16816<DTypeKV>(s[j], qa[2 * kk], kb[0], kb[1]);
+        mma_16816<DTypeKV>(s[j], qa[2 * kk + 1], kb[2], kb[3]);
+      }
+    }
+
+    // Scale, mask the rows past the chunk's end, and update the running max per query row.
+    float m_tile[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int j = 0; j < 2 * KT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        s[j][e] = col < valid ? s[j][e] * p.sm_scale_log2 : NEG_INF;
+        m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
+      }
+    }
+    float rescale[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_tile[r] = fmaxf(m_tile[r], __shfl_xor_sync(0xffffffffu, m_tile[r], 1));
+      m_tile[r] = fmaxf(m_tile[r], __shfl_xor_sync(0xffffffffu, m_tile[r], 2));
+      const float m_new = fmaxf(m[r], m_tile[r]);
+      m_use[r] = m_new == NEG_INF ? 0.f : m_new;  // keeps exp2 finite while nothing is seen
+      rescale[r] = fast_exp2(m[r] - m_use[r]);
+      m[r] = m_new;
+      d[r] *= rescale[r];
+    }
+    // P = exp2(S - m) as A fragments of the p·v mma (k = tokens).
+    u32 pa[KT][4];
+#pragma unroll
+    for (int j = 0; j < 2 * KT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = fast_exp2(s[j][e] - m_use[e >> 1]);
+        d[e >> 1] += s[j][e];
+      }
+      pa[j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[j][0], s[j][1]);
+      pa[j >> 1][(j & 1) * 2 + 1] = pack2<DTypeKV>(s[j][2], s[j][3]);
+    }
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n) {
+      o[n][0] *= rescale[0];
+      o[n][1] *= rescale[0];
+      o[n][2] *= rescale[1];
+      o[n][3] *= rescale[1];
+    }
+    // O += P V.
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+      for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
+        u32 vb[4];
+        const int r = row0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4_trans(vb, vs_base + swizzle<HEAD_DIM>(r, dp * 2 + (lane >> 4)));
+        mma_16816<DTypeKV>(o[2 * dp], pa[kt], vb[0], vb[1]);
+        mma_16816<DTypeKV>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the four warps' states through shared memory.
+  float* st_o = reinterpret_cast<float*>(smem_raw);              // [NUM_WARPS][GROUP][HEAD_DIM]
+  float* st_m = st_o + NUM_WARPS * GROUP * HEAD_DIM;              // [NUM_WARPS][16]
+  float* st_d = st_m + NUM_WARPS * 16;                            // [NUM_WARPS][16]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
+    const int row = g + r * 8;
+    if (t == 0) {
+      st_m[warp * 16 + row] = m[r];
+      st_d[warp * 16 + row] = d[r];
+    }
+    if (row < GROUP) {
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        float* dst = st_o + (warp * GROUP + row) * HEAD_DIM + n * 8 + 2 * t;
+        dst[0] = o[n][r * 2];
+        dst[1] = o[n][r * 2 + 1];
+      }
+    }
+  }
+  __syncthreads();
+
+  constexpr int OUT_VEC = 8;
+  for (int item = tid; item < GROUP * (HEAD_DIM / OUT_VEC); item += NUM_THREADS) {
+    const int row = item / (HEAD_DIM / OUT_VEC), d0 = (item % (HEAD_DIM / OUT_VEC)) * OUT_VEC;
+    float m_all = NEG_INF;
+#pragma unroll
+    for (int wi = 0; wi < NUM_WARPS; ++wi) m_all = fmaxf(m_all, st_m[wi * 16 + row]);
+    float acc[OUT_VEC], den = 0.f;
+#pragma unroll
+    for (int i = 0; i < OUT_VEC; ++i) acc[i] = 0.f;
+    if (m_all != NEG_INF) {
+#pragma unroll
+      for (int wi = 0; wi < NUM_WARPS; ++wi) {
+        const float sc = fast_exp2(st_m[wi * 16 + row] - m_all);  // -inf -> 0
+        den += st_d[wi * 16 + row] * sc;
+#pragma unroll
+        for (int i = 0; i < OUT_VEC; ++i) acc[i] += st_o[(wi * GROUP + row) * HEAD_DIM + d0 + i] * sc;
+      }
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+    for (int i = 0; i < OUT_VEC; ++i) acc[i] *= inv;
+    const float lse2 = den > 0.f ? m_all + fast_log2(den) : NEG_INF;
+    const int qo_head = kv_head * GROUP + row;
+    if (w.partial < 0) {
+      const long long orow = (long long)w.request * p.num_qo_heads + qo_head;
+      store_vec_f32<DTypeO, OUT_VEC>(p.o + orow * HEAD_DIM + d0, acc);
+      if (p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+    } else {
+      const long long orow = (long long)w.partial * p.num_qo_heads + qo_head;
+      store_vec_f32<float, OUT_VEC>(p.partial_o + orow * HEAD_DIM + d0, acc);
+      if (d0 == 0) p.partial_lse[orow] = lse2;
+    }
+  }
+}
