@@ -4,8 +4,23 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// The `flashinfer` binary: cargo's build of it, or, where the tests were copied elsewhere (the GPU
+/// host runs `.gpu/tests/*` with the binaries in `.gpu/bin/`), the one beside them.
+fn flashinfer_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_flashinfer"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("bin/flashinfer"))
+        .filter(|p| p.exists())
+        .unwrap_or(built)
+}
+
 fn flashinfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flashinfer"))
+    Command::new(flashinfer_bin())
         .args(args)
         .env_remove("RUST_LOG")
         .output()
@@ -96,7 +111,7 @@ fn demo_on_the_cpu_backend_takes_custom_lengths() {
 #[test]
 fn info_succeeds_without_a_gpu_or_nvrtc() {
     let cache = TempDir::new("info");
-    let out = Command::new(env!("CARGO_BIN_EXE_flashinfer"))
+    let out = Command::new(flashinfer_bin())
         .arg("info")
         .env("FLASHINFER_CACHE_DIR", &cache.0)
         .output()
@@ -118,7 +133,7 @@ fn cache_info_and_clear_use_flashinfer_cache_dir() {
     std::fs::write(cache.0.join("notes.txt"), "keep me").unwrap();
     std::fs::write(cache.0.join("fake-0123456789abcdef.cubin"), "x").unwrap();
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_flashinfer"))
+        Command::new(flashinfer_bin())
             .args(args)
             .env("FLASHINFER_CACHE_DIR", &cache.0)
             .output()
@@ -167,7 +182,7 @@ fn runtime_errors_exit_1_with_error_prefix() {
         &["warmup", "--key", "no-such-kernel-name"][..],
         &["demo", "--kv-lens", "300000"][..],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_flashinfer"))
+        let out = Command::new(flashinfer_bin())
             .args(args)
             .env("FLASHINFER_CACHE_DIR", &cache.0)
             .output()
@@ -200,7 +215,7 @@ fn warmup_lists_a_preset_without_compiling() {
 fn warmup_compiles_then_hits_the_cache() {
     let cache = TempDir::new("warmup-compile");
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_flashinfer"))
+        Command::new(flashinfer_bin())
             .args([
                 "warmup",
                 "--key",

@@ -93,11 +93,25 @@ __device__ __forceinline__ float fast_log2(float x) {
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// Division by a run-time constant (the page size) without a divide: q = umulhi(n, magic) >> shift,
+// exact for n < 2^31; magic = 0 means the divisor is 1. The host computes magic and shift
+// (decode/fastdiv.rs).
+struct FastDiv {
+  u32 magic, shift;
+  __device__ __forceinline__ u32 div(u32 n) const { return magic == 0 ? n : __umulhi(n, magic) >> shift; }
+};
+
 // Asynchronous global->shared copies (sm_80+). `src_bytes` < 16 zero-fills the rest, so rows past
 // the end of a request are never read from global memory.
+// With L2_PREFETCH defined, each copy also asks L2 to fetch the whole 256-byte sector group around
+// it: a KV row is 128-512 contiguous bytes, so the neighbouring lanes' requests then hit in L2.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   u32 s = (u32)__cvta_generic_to_shared(smem);
+#ifdef L2_PREFETCH
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -53,6 +53,7 @@ struct DecodeParams {
   long long token_stride;     // elements between tokens of a page
   long long head_stride;      // elements between heads of a page
   int page_size;
+  FastDiv page_size_div;      // division by page_size
   int num_qo_heads;
   float sm_scale_log2;        // softmax scale * log2(e)
   float lse_out_scale;        // base-2 lse -> caller's base
@@ -85,10 +86,11 @@ batch_decode(const DecodeParams p) {
     for (int s = 0; s < PASSES; ++s) {
       int tok = t * TILE + load_row + s * ROWS_PER_PASS;
       if (tok < w.kv_len) {
-        int abs_tok = w.kv_start + tok;
-        int page_pos = w.page_begin + abs_tok / p.page_size;
+        u32 abs_tok = (u32)(w.kv_start + tok);
+        u32 page_idx = p.page_size_div.div(abs_tok);
+        int page_pos = w.page_begin + (int)page_idx;
         int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok % p.page_size) * p.token_stride + head_off;
+        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride + head_off;
       } else {
         row_off[s] = -1;
       }

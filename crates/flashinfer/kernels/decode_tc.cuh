@@ -29,6 +29,7 @@ constexpr int PASSES = TILE / ROWS_PER_PASS;
 static_assert(sizeof(DTypeKV) == 2, "tensor-core decode needs 16-bit KV");
 static_assert(GROUP <= 16, "at most 16 query heads per KV head");
 static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
+static_assert(PASSES <= CHUNKS && CHUNKS <= 32, "one lane of a row group resolves each pass");
 
 struct DecodeWork {
   int request, page_begin, kv_start, kv_len, partial;
@@ -48,6 +49,7 @@ struct DecodeParams {
   long long token_stride;
   long long head_stride;
   int page_size;
+  FastDiv page_size_div;
   int num_qo_heads;
   float sm_scale_log2;
   float lse_out_scale;
@@ -83,31 +85,31 @@ batch_decode(const DecodeParams p) {
     }
   }
 
-  // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS.
+  // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS. The CHUNKS
+  // lanes sharing a row set resolve its page once: lane s of the group resolves the row of pass s,
+  // and the others take the offset by shuffle (a page lookup costs a dependent load and a divide).
   const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
   const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
-  long long row_off[PASSES];
+  long long my_off = -1;  // offset of the row of pass ld_chunk (when ld_chunk < PASSES)
   auto resolve_rows = [&](int tile) {
-#pragma unroll
-    for (int s = 0; s < PASSES; ++s) {
-      const int tok = tile * TILE + ld_row + s * ROWS_PER_PASS;
-      if (tok < w.kv_len) {
-        const int abs_tok = w.kv_start + tok;
-        const int page_pos = w.page_begin + abs_tok / p.page_size;
-        const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok % p.page_size) * p.token_stride + head_off;
-      } else {
-        row_off[s] = -1;
-      }
+    my_off = -1;
+    const int tok = tile * TILE + ld_row + ld_chunk * ROWS_PER_PASS;
+    if (ld_chunk < PASSES && tok < w.kv_len) {
+      const u32 abs_tok = (u32)(w.kv_start + tok);
+      const u32 page_idx = p.page_size_div.div(abs_tok);
+      const int page_pos = w.page_begin + (int)page_idx;
+      const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
+      my_off = (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride;
     }
   };
   auto issue_tile = [&](int stage) {
 #pragma unroll
     for (int s = 0; s < PASSES; ++s) {
+      const long long row_off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
       const int r = ld_row + s * ROWS_PER_PASS;
       const int so = stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(r, ld_chunk);
-      const bool ok = row_off[s] >= 0;
-      const long long off = ok ? row_off[s] : 0;
+      const bool ok = row_off >= 0;
+      const long long off = ok ? row_off + head_off : 0;
       cp_async_16(k_smem + so, p.k + off, ok ? 16 : 0);
       cp_async_16(v_smem + so, p.v + off, ok ? 16 : 0);
     }
@@ -164,13 +166,24 @@ batch_decode(const DecodeParams p) {
 
     // Scale, mask the rows past the chunk's end, and update the running max per query row.
     float m_tile[2] = {NEG_INF, NEG_INF};
+    if (valid >= WARP_TOKENS) {  // a full tile: no masking
 #pragma unroll
-    for (int j = 0; j < 2 * KT; ++j) {
+      for (int j = 0; j < 2 * KT; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + 2 * t + (e & 1);
-        s[j][e] = col < valid ? s[j][e] * p.sm_scale_log2 : NEG_INF;
-        m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] *= p.sm_scale_log2;
+          m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2 * KT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + 2 * t + (e & 1);
+          s[j][e] = col < valid ? s[j][e] * p.sm_scale_log2 : NEG_INF;
+          m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
+        }
       }
     }
     float rescale[2], m_use[2];
@@ -196,12 +209,16 @@ batch_decode(const DecodeParams p) {
       pa[j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[j][0], s[j][1]);
       pa[j >> 1][(j & 1) * 2 + 1] = pack2<DTypeKV>(s[j][2], s[j][3]);
     }
+    // Rescale the accumulators only when some row's max moved (most tiles of a long request
+    // leave it unchanged); the test is uniform over the warp, so nothing diverges.
+    if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
 #pragma unroll
-    for (int n = 0; n < HEAD_DIM / 8; ++n) {
-      o[n][0] *= rescale[0];
-      o[n][1] *= rescale[0];
-      o[n][2] *= rescale[1];
-      o[n][3] *= rescale[1];
+      for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        o[n][0] *= rescale[0];
+        o[n][1] *= rescale[0];
+        o[n][2] *= rescale[1];
+        o[n][3] *= rescale[1];
+      }
     }
     // O += P V.
 #pragma unroll

@@ -54,6 +54,19 @@ pub struct DecodeArgs {
     /// Kernel: auto (the engine's choice), simt (CUDA cores) or tc (tensor cores).
     #[arg(long, default_value = "auto")]
     pub path: String,
+    /// Override the pipeline depth of the chosen kernel (tuning).
+    #[arg(long)]
+    pub nstage: Option<usize>,
+    /// Override the tensor-core kernel's 16-token steps per warp per tile (tuning).
+    #[arg(long)]
+    pub kt: Option<usize>,
+    /// Turn off the L2 prefetch hint of the KV copies (tuning).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Give requests consecutive page ids instead of a shuffled pool (how most published decode
+    /// benchmarks lay out the cache; a real cache after some churn is shuffled).
+    #[arg(long)]
+    pub contiguous_pages: bool,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -111,7 +124,9 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
 
     let num_pages = PageTable::pages_needed(&lens, a.page_size);
     let mut ids: Vec<i32> = (0..num_pages as i32).collect();
-    rng.shuffle(&mut ids);
+    if !a.contiguous_pages {
+        rng.shuffle(&mut ids);
+    }
     let table = PageTable::from_kv_lens(&lens, a.page_size, &ids, num_pages).map_err(err)?;
     let desc = PagedKvDesc::new(a.layout, num_pages, a.page_size, hk, a.head_dim).map_err(err)?;
     let k: Vec<T> = rng.vec(desc.required_len(), 1.0);
@@ -133,6 +148,14 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
         "tc" => DecodeTiles::tensor_core(a.head_dim, g, T::DTYPE, T::DTYPE),
         other => return Err(format!("--path `{other}`: expected auto, simt or tc")),
     };
+    let mut tiles = tiles;
+    if let Some(n) = a.nstage {
+        tiles.nstage = n;
+    }
+    if let (Some(kt), flashinfer::decode::DecodePath::TensorCore) = (a.kt, tiles.path) {
+        tiles.passes = kt;
+    }
+    tiles.l2_prefetch = !a.no_prefetch;
     let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).map_err(err)?;
     op.plan(&table).map_err(err)?;
     let d = |e: flashinfer::cuda::DriverError| e.to_string();
@@ -227,8 +250,8 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{}}}",
-            dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, split,
+            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{}}}",
+            dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
             op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len()
         );
     } else {

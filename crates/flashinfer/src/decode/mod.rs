@@ -5,6 +5,7 @@
 //! one transfer. `run()` validates the device tensors and launches: the decode kernel, then (only if
 //! something was split) the variable-length merge of partial states.
 
+mod fastdiv;
 mod plan;
 mod tiles;
 
@@ -51,6 +52,8 @@ struct DecodeParams {
     token_stride: i64,
     head_stride: i64,
     page_size: i32,
+    page_size_div_magic: u32,
+    page_size_div_shift: u32,
     num_qo_heads: i32,
     sm_scale_log2: f32,
     lse_out_scale: f32,
@@ -293,6 +296,9 @@ impl BatchDecode {
                 kv.head_dim, h.head_dim
             )
         })?;
+        ensure(kv.page_size <= i32::MAX as usize, "kv", || {
+            format!("page_size {} exceeds i32::MAX", kv.page_size)
+        })?;
         kv.check_buffers(k_cache.len(), v_cache.len())?;
         let b = self.batch_size;
         let rows = b * h.num_qo_heads;
@@ -351,6 +357,8 @@ impl BatchDecode {
             token_stride: kv.token_stride() as i64,
             head_stride: kv.head_stride() as i64,
             page_size: kv.page_size as i32,
+            page_size_div_magic: fastdiv::fast_div_params(kv.page_size as u32).0,
+            page_size_div_shift: fastdiv::fast_div_params(kv.page_size as u32).1,
             num_qo_heads: h.num_qo_heads as i32,
             sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
             lse_out_scale: cfg.params.lse_base.from_log2(1.0),

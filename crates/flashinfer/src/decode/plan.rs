@@ -31,9 +31,9 @@ pub struct DecodeSchedule {
     pub merge_rows: Vec<i32>,
 }
 
-/// Smallest chunk worth a block of its own: below this the merge and the block's start-up cost
-/// more than the parallelism gains.
-pub const MIN_CHUNK: usize = 256;
+/// Smallest chunk worth a block of its own: one 64-token tile of the tensor-core kernel. Small
+/// batches are latency-bound, so spreading even a 1024-token request over 16 blocks pays.
+pub const MIN_CHUNK: usize = 64;
 /// Chunks are whole multiples of this many tokens (so that they are whole kernel tiles for the
 /// common tile of 32, and whole pages for power-of-two page sizes up to 64).
 pub const CHUNK_ALIGN: usize = 64;

@@ -34,6 +34,8 @@ pub struct DecodeTiles {
     pub passes: usize,
     /// cp.async pipeline depth.
     pub nstage: usize,
+    /// Ask L2 to prefetch 256 bytes around each copy (`cp.async ... .L2::256B`).
+    pub l2_prefetch: bool,
 }
 
 /// Threads a block aims for.
@@ -73,6 +75,7 @@ impl DecodeTiles {
             bdz: 1,
             passes: kt,
             nstage,
+            l2_prefetch: true,
         }
     }
 
@@ -93,6 +96,7 @@ impl DecodeTiles {
             bdz,
             passes,
             nstage,
+            l2_prefetch: true,
         }
     }
 
@@ -153,16 +157,39 @@ impl DecodeTiles {
                 self.nstage
             ),
             DecodePath::TensorCore => format!(
-                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}",
-                self.q_dtype, self.kv_dtype, self.head_dim, self.group, self.passes, self.nstage
+                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}{}",
+                self.q_dtype,
+                self.kv_dtype,
+                self.head_dim,
+                self.group,
+                self.passes,
+                self.nstage,
+                self.prefetch_suffix()
             ),
+        }
+    }
+
+    fn prefetch_suffix(&self) -> &'static str {
+        if self.l2_prefetch {
+            "_pf"
+        } else {
+            ""
+        }
+    }
+
+    /// The line that turns the L2 prefetch hint on in the generated source.
+    fn prefetch_define(&self) -> &'static str {
+        if self.l2_prefetch {
+            "#define L2_PREFETCH 1\n"
+        } else {
+            ""
         }
     }
 
     pub fn spec(&self) -> KernelSpec {
         if self.path == DecodePath::TensorCore {
             let source = format!(
-                "#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+                "{pf}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
                  constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int KT = {kt};\n\
                  constexpr int NSTAGE = {s};\n#include \"decode_tc.cuh\"\n",
                 q = self.q_dtype.cuda_type(),
@@ -171,11 +198,12 @@ impl DecodeTiles {
                 g = self.group,
                 kt = self.passes,
                 s = self.nstage,
+                pf = self.prefetch_define(),
             );
             return KernelSpec::new(self.name(), source, ["batch_decode"]);
         }
         let source = format!(
-            "#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+            "{pf}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
              constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int BDZ = {z};\n\
              constexpr int PASSES = {p};\nconstexpr int NSTAGE = {s};\n#include \"decode.cuh\"\n",
             q = self.q_dtype.cuda_type(),
@@ -185,6 +213,7 @@ impl DecodeTiles {
             z = self.bdz,
             p = self.passes,
             s = self.nstage,
+            pf = self.prefetch_define(),
         );
         KernelSpec::new(self.name(), source, ["batch_decode"])
     }
