@@ -16,6 +16,7 @@ pub fn fast_div_params(d: u32) -> (u32, u32) {
 }
 
 /// What the kernel computes, for tests.
+#[cfg(test)]
 pub fn fast_div(n: u32, (magic, shift): (u32, u32)) -> u32 {
     if magic == 0 {
         n
