@@ -22,7 +22,7 @@
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * sizeof(DTypeKV) bytes for K and V tiles, reused at
 // the end for the BDZ partial states (BDZ * GROUP * (HEAD_DIM + 2) floats).
 #pragma once
-#include "state.cuh"
+#include "decode_common.cuh"
 
 constexpr int VEC = 16 / sizeof(DTypeKV);
 constexpr int BDX = HEAD_DIM / VEC;
@@ -32,32 +32,6 @@ constexpr int TILE = ROWS_PER_PASS * PASSES;
 constexpr int TOKENS_PER_SLOT = TILE / BDZ;
 static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of 16 bytes");
 static_assert(NUM_THREADS <= 1024, "too many threads per block");
-
-// One unit of work: `kv_len` keys of `request` starting at token `kv_start`; the request's pages
-// start at kv_indices[page_begin]. `partial` >= 0: write a partial state to that slot.
-struct DecodeWork {
-  int request, page_begin, kv_start, kv_len, partial;
-};
-
-struct DecodeParams {
-  const DTypeQ* q;            // [batch, num_qo_heads, HEAD_DIM]
-  const DTypeKV* k;           // page pool (K)
-  const DTypeKV* v;           // page pool (V)
-  const int* kv_indices;      // page ids; null: page i of a request is page_begin + i
-  const DecodeWork* work;     // [num_work]
-  DTypeO* o;                  // [batch, num_qo_heads, HEAD_DIM]
-  float* lse;                 // [batch, num_qo_heads] or null
-  float* partial_o;           // [num_partial, num_qo_heads, HEAD_DIM]
-  float* partial_lse;         // [num_partial, num_qo_heads] (base 2)
-  long long page_stride;      // elements between pages
-  long long token_stride;     // elements between tokens of a page
-  long long head_stride;      // elements between heads of a page
-  int page_size;
-  FastDiv page_size_div;      // division by page_size
-  int num_qo_heads;
-  float sm_scale_log2;        // softmax scale * log2(e)
-  float lse_out_scale;        // base-2 lse -> caller's base
-};
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 batch_decode(const DecodeParams p) {
@@ -182,7 +156,6 @@ batch_decode(const DecodeParams p) {
       st_md[(tz * GROUP + ty) * 2 + 1] = d;
     }
     __syncthreads();
-    if (tz != 0) return;
     float m_all = NEG_INF;
 #pragma unroll
     for (int z = 0; z < BDZ; ++z) m_all = fmaxf(m_all, st_md[(z * GROUP + ty) * 2]);
@@ -206,13 +179,17 @@ batch_decode(const DecodeParams p) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) o[i] *= inv;
   const float lse2 = d > 0.f ? m + fast_log2(d) : NEG_INF;
-  if (w.partial < 0) {
-    const long long row = (long long)w.request * p.num_qo_heads + qo_head;
-    store_vec_f32<DTypeO, VEC>(p.o + row * HEAD_DIM + tx * VEC, o);
-    if (p.lse != nullptr && tx == 0) p.lse[row] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
-  } else {
-    const long long row = (long long)w.partial * p.num_qo_heads + qo_head;
-    store_vec_f32<float, VEC>(p.partial_o + row * HEAD_DIM + tx * VEC, o);
-    if (tx == 0) p.partial_lse[row] = lse2;
+  if (tz == 0) {  // every slot now holds the merged state; slot 0 writes it
+    if (w.partial < 0) {
+      write_final<VEC>(p, w.request, qo_head, tx * VEC, o, lse2);
+    } else {
+      const long long row = (long long)w.partial * p.num_qo_heads + qo_head;
+      store_vec_f32<float, VEC>(p.partial_o + row * HEAD_DIM + tx * VEC, o);
+      if (tx == 0) p.partial_lse[row] = lse2;
+    }
+  }
+  if (w.partial >= 0) {
+    __syncthreads();  // the state exchange area is reused by the merge
+    merge_split_pieces<NUM_THREADS>(p, w, kv_head, tid, reinterpret_cast<float*>(smem_raw));
   }
 }

@@ -16,8 +16,8 @@
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
 // XOR-permuted by row, see mma.cuh), reused for the 4 warps' states at the end.
 #pragma once
+#include "decode_common.cuh"
 #include "mma.cuh"
-#include "state.cuh"
 
 constexpr int NUM_WARPS = 4;
 constexpr int NUM_THREADS = NUM_WARPS * 32;
@@ -30,30 +30,6 @@ static_assert(sizeof(DTypeKV) == 2, "tensor-core decode needs 16-bit KV");
 static_assert(GROUP <= 16, "at most 16 query heads per KV head");
 static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
 static_assert(PASSES <= CHUNKS && CHUNKS <= 32, "one lane of a row group resolves each pass");
-
-struct DecodeWork {
-  int request, page_begin, kv_start, kv_len, partial;
-};
-
-struct DecodeParams {
-  const DTypeQ* q;
-  const DTypeKV* k;
-  const DTypeKV* v;
-  const int* kv_indices;      // null: page i of a request is page_begin + i
-  const DecodeWork* work;
-  DTypeO* o;
-  float* lse;
-  float* partial_o;
-  float* partial_lse;
-  long long page_stride;
-  long long token_stride;
-  long long head_stride;
-  int page_size;
-  FastDiv page_size_div;
-  int num_qo_heads;
-  float sm_scale_log2;
-  float lse_out_scale;
-};
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 batch_decode(const DecodeParams p) {
@@ -284,13 +260,15 @@ batch_decode(const DecodeParams p) {
     const float lse2 = den > 0.f ? m_all + fast_log2(den) : NEG_INF;
     const int qo_head = kv_head * GROUP + row;
     if (w.partial < 0) {
-      const long long orow = (long long)w.request * p.num_qo_heads + qo_head;
-      store_vec_f32<DTypeO, OUT_VEC>(p.o + orow * HEAD_DIM + d0, acc);
-      if (p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+      write_final<OUT_VEC>(p, w.request, qo_head, d0, acc, lse2);
     } else {
       const long long orow = (long long)w.partial * p.num_qo_heads + qo_head;
       store_vec_f32<float, OUT_VEC>(p.partial_o + orow * HEAD_DIM + d0, acc);
       if (d0 == 0) p.partial_lse[orow] = lse2;
     }
+  }
+  if (w.partial >= 0) {
+    __syncthreads();  // the state exchange area is reused by the merge
+    merge_split_pieces<NUM_THREADS>(p, w, kv_head, tid, reinterpret_cast<float*>(smem_raw));
   }
 }

@@ -40,9 +40,6 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         v.push(merge_spec(t, t, 16 / t.size_bytes()));
         v.push(merge_spec(t, t, 1));
     }
-    for t in [DType::F16, DType::BF16] {
-        v.push(merge_spec(DType::F32, t, 4)); // split-KV partial states are f32
-    }
     v
 }
 

@@ -2,8 +2,8 @@
 //!
 //! `plan()` runs on the host from the page table alone: it picks the kernel specialisation, splits
 //! long requests when the batch cannot fill the GPU, and copies the work list into the workspace in
-//! one transfer. `run()` validates the device tensors and launches: the decode kernel, then (only if
-//! something was split) the variable-length merge of partial states.
+//! one transfer. `run()` validates the device tensors and launches one kernel; when a request was
+//! split, the last of its blocks to finish merges the partial states (kernels/decode_common.cuh).
 
 mod fastdiv;
 mod plan;
@@ -48,6 +48,7 @@ struct DecodeParams {
     lse: u64,
     partial_o: u64,
     partial_lse: u64,
+    counters: u64,
     page_stride: i64,
     token_stride: i64,
     head_stride: i64,
@@ -63,8 +64,8 @@ struct DecodeParams {
 #[derive(Clone, Copy, Debug, Default)]
 struct WorkspaceLayout {
     work: usize,
-    merge_indptr: usize,
-    merge_rows: usize,
+    /// One arrival counter per (request, KV head), zero between runs.
+    counters: usize,
     partial_o: usize,
     partial_lse: usize,
     total: usize,
@@ -80,8 +81,6 @@ pub struct BatchDecode {
     cfg: DecodeConfig,
     tiles: DecodeTiles,
     decode_fn: KernelFunction,
-    merge_fn: KernelFunction,
-    merge_vec: usize,
     workspace: Workspace,
     schedule: DecodeSchedule,
     layout: WorkspaceLayout,
@@ -122,21 +121,12 @@ impl BatchDecode {
         let module = dev.module(&tiles.spec())?;
         module.set_max_dynamic_shared_bytes("batch_decode", tiles.smem_bytes())?;
         let decode_fn = module.kernel("batch_decode")?;
-        let merge_vec = 4; // f32 partial states, head_dim a multiple of 4
-        let merge_module = dev.module(&crate::merge::merge_spec(
-            DType::F32,
-            cfg.q_dtype,
-            merge_vec,
-        ))?;
-        let merge_fn = merge_module.kernel("merge_states_varlen")?;
         let workspace = Workspace::new(dev.stream(), 1 << 20)?;
         Ok(Self {
             dev: dev.clone(),
             cfg,
             tiles,
             decode_fn,
-            merge_fn,
-            merge_vec,
             workspace,
             schedule: DecodeSchedule::default(),
             layout: WorkspaceLayout::default(),
@@ -176,6 +166,7 @@ impl BatchDecode {
             page_begin,
             self.cfg.heads.num_kv_heads,
             wave,
+            self.tiles.smem_bytes() / (4 * self.cfg.heads.group_size()),
             self.cfg.allow_split,
         );
         let h = self.cfg.heads;
@@ -183,15 +174,14 @@ impl BatchDecode {
             work: 0,
             ..Default::default()
         };
-        l.merge_indptr = align(s.work.len() * std::mem::size_of::<DecodeWork>());
-        l.merge_rows = l.merge_indptr + align(s.merge_indptr.len() * 4);
-        l.partial_o = l.merge_rows + align(s.merge_rows.len() * 4);
+        l.counters = align(s.work.len() * std::mem::size_of::<DecodeWork>());
+        l.partial_o = l.counters + align(table.batch_size() * h.num_kv_heads * 4);
         l.partial_lse = l.partial_o + align(s.num_partial * h.num_qo_heads * h.head_dim * 4);
         l.total = l.partial_lse + align(s.num_partial * h.num_qo_heads * 4);
         if l.total > self.workspace.bytes() {
             self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
         }
-        // One host buffer holding the work list and merge lists, copied in one transfer.
+        // One host buffer holding the work list and the zeroed counters, copied in one transfer.
         let mut host = vec![0u8; l.partial_o];
         // SAFETY: DecodeWork is repr(C) plain old data.
         let work_bytes = unsafe {
@@ -201,12 +191,6 @@ impl BatchDecode {
             )
         };
         host[..work_bytes.len()].copy_from_slice(work_bytes);
-        for (i, x) in s.merge_indptr.iter().enumerate() {
-            host[l.merge_indptr + 4 * i..][..4].copy_from_slice(&x.to_ne_bytes());
-        }
-        for (i, x) in s.merge_rows.iter().enumerate() {
-            host[l.merge_rows + 4 * i..][..4].copy_from_slice(&x.to_ne_bytes());
-        }
         // SAFETY: the workspace holds at least l.total >= host.len() bytes; the copy is ordered on
         // the engine's stream before any launch of run(), and the host buffer is pageable, so the
         // driver stages it before returning.
@@ -353,6 +337,7 @@ impl BatchDecode {
             lse: lse.as_ref().map_or(0, |l| l.ptr()),
             partial_o: ws + self.layout.partial_o as u64,
             partial_lse: ws + self.layout.partial_lse as u64,
+            counters: ws + self.layout.counters as u64,
             page_stride: kv.page_stride as i64,
             token_stride: kv.token_stride() as i64,
             head_stride: kv.head_stride() as i64,
@@ -374,31 +359,6 @@ impl BatchDecode {
         // cover the shapes, the work list was written by plan() for this table, and the partial
         // buffers fit in the workspace (checked).
         unsafe { launch(self.decode_fn.raw(), launch_cfg, stream, &mut args)? };
-        if self.schedule.num_partial > 0 {
-            let merge_cfg = LaunchConfig {
-                grid: (self.schedule.merge_rows.len() as u32, 1, 1),
-                block: ((h.head_dim / self.merge_vec) as u32, 1, 1),
-                smem_bytes: 0,
-            };
-            let bx = h.head_dim / self.merge_vec;
-            let by = (128 / bx).clamp(1, h.num_qo_heads);
-            let merge_cfg = LaunchConfig {
-                grid: (merge_cfg.grid.0, h.num_qo_heads.div_ceil(by) as u32, 1),
-                block: (bx as u32, by as u32, 1),
-                ..merge_cfg
-            };
-            let (pv, ps) = (params.partial_o, params.partial_lse);
-            let pi = ws + self.layout.merge_indptr as u64;
-            let pr = ws + self.layout.merge_rows as u64;
-            let (po, pso) = (params.o, params.lse);
-            let (nh, hd) = (h.num_qo_heads as i32, h.head_dim as i32);
-            let (to2, from2) = (1.0f32, params.lse_out_scale);
-            let mut args =
-                crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &nh, &hd, &to2, &from2];
-            // SAFETY: the merge lists index only partial slots the decode kernel wrote, and rows
-            // of `o`/`lse` that exist (request indices of this plan).
-            unsafe { launch(self.merge_fn.raw(), merge_cfg, stream, &mut args)? };
-        }
         Ok(())
     }
 

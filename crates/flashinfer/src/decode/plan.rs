@@ -16,6 +16,10 @@ pub struct DecodeWork {
     pub kv_len: i32,
     /// Partial-state slot, or -1 when the item writes the final output.
     pub partial: i32,
+    /// For a split request: its first partial slot and number of pieces (the last block to
+    /// finish merges them); unused otherwise.
+    pub merge_begin: i32,
+    pub num_pieces: i32,
 }
 
 /// The schedule of one decode step.
@@ -39,12 +43,14 @@ pub const MIN_CHUNK: usize = 64;
 pub const CHUNK_ALIGN: usize = 64;
 
 /// Plans a decode step. `kv_lens[i]` tokens of request `i`, its pages starting at
-/// `page_begin[i]`; `num_kv_heads` blocks per work item; `wave` = blocks resident at once.
+/// `page_begin[i]`; `num_kv_heads` blocks per work item; `wave` = blocks resident at once;
+/// at most `max_pieces` chunks per request (the in-kernel merge keeps their LSEs in shared memory).
 pub fn plan_decode(
     kv_lens: &[usize],
     page_begin: &[i32],
     num_kv_heads: usize,
     wave: usize,
+    max_pieces: usize,
     allow_split: bool,
 ) -> DecodeSchedule {
     let items_wanted = (wave / num_kv_heads.max(1)).max(1);
@@ -59,7 +65,11 @@ pub fn plan_decode(
     if allow_split && kv_lens.len() < items_wanted && max_len > MIN_CHUNK {
         // Smallest chunk (a multiple of CHUNK_ALIGN tokens) whose item count fits one wave.
         let round = |c: usize| c.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
-        let (mut lo, mut hi) = (round(MIN_CHUNK), round(max_len));
+        let (mut lo, mut hi) = (
+            round(MIN_CHUNK.max(max_len.div_ceil(max_pieces.max(1)))),
+            round(max_len),
+        );
+        lo = lo.min(hi);
         while lo < hi {
             let mid = round((lo + hi) / 2);
             let mid = if mid >= hi { lo } else { mid };
@@ -94,6 +104,8 @@ pub fn plan_decode(
                 kv_start: start as i32,
                 kv_len: (len.min(start + c) - start.min(len)) as i32,
                 partial,
+                merge_begin: s.num_partial as i32,
+                num_pieces: pieces as i32,
             });
         }
         if pieces > 1 {
@@ -119,11 +131,12 @@ mod tests {
             page_size in 1usize..=64,
             heads in 1usize..=8,
             wave in 1usize..=2000,
+            max_pieces in 1usize..=300,
         ) {
             let begin: Vec<i32> = lens.iter().scan(0i32, |acc, &l| {
                 let b = *acc; *acc += l.div_ceil(page_size) as i32; Some(b)
             }).collect();
-            let s = plan_decode(&lens, &begin, heads, wave, true);
+            let s = plan_decode(&lens, &begin, heads, wave, max_pieces, true);
             let mut covered = vec![0usize; lens.len()];
             let mut slots = vec![false; s.num_partial];
             for w in &s.work {
@@ -133,12 +146,14 @@ mod tests {
                 covered[r] += w.kv_len as usize;
                 if let Some(c) = s.chunk_size { prop_assert_eq!(c % CHUNK_ALIGN, 0); }
                 if w.partial >= 0 {
+                    prop_assert!(w.partial >= w.merge_begin && w.partial < w.merge_begin + w.num_pieces);
                     prop_assert!(!slots[w.partial as usize]);
                     slots[w.partial as usize] = true;
                 }
             }
             prop_assert_eq!(&covered, &lens);
             prop_assert!(slots.iter().all(|&x| x));
+            prop_assert!(s.work.iter().all(|w| (w.num_pieces as usize) <= max_pieces || w.partial < 0));
             prop_assert_eq!(s.merge_indptr.len(), s.merge_rows.len() + 1);
             prop_assert_eq!(*s.merge_indptr.last().unwrap() as usize, s.num_partial);
             if s.chunk_size.is_some() {
@@ -149,11 +164,14 @@ mod tests {
 
     #[test]
     fn small_batch_of_long_requests_is_split() {
-        let s = plan_decode(&[32768], &[0], 8, 132 * 3, true);
+        let s = plan_decode(&[32768], &[0], 8, 132 * 3, 4096, true);
         assert!(s.chunk_size.is_some());
         assert!(s.work.len() > 1 && s.work.len() <= 132 * 3 / 8);
-        let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 132 * 3, true);
+        let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 132 * 3, 4096, true);
         assert_eq!(s.chunk_size, None, "a full batch is not split");
-        assert_eq!(plan_decode(&[0, 5], &[0, 0], 8, 400, true).work.len(), 2);
+        assert_eq!(
+            plan_decode(&[0, 5], &[0, 0], 8, 400, 4096, true).work.len(),
+            2
+        );
     }
 }

@@ -10,6 +10,10 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("state.cuh", include_str!("../../kernels/state.cuh")),
     ("merge.cuh", include_str!("../../kernels/merge.cuh")),
+    (
+        "decode_common.cuh",
+        include_str!("../../kernels/decode_common.cuh"),
+    ),
     ("decode.cuh", include_str!("../../kernels/decode.cuh")),
     ("mma.cuh", include_str!("../../kernels/mma.cuh")),
     ("decode_tc.cuh", include_str!("../../kernels/decode_tc.cuh")),

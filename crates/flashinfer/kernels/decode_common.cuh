@@ -1,0 +1,96 @@
+// decode_common.cuh: what both decode kernels (decode.cuh on CUDA cores, decode_tc.cuh on tensor
+// cores) share: the work-list entry, the parameter block, and the in-kernel merge of split-KV
+// partial states. Included after the generated source has defined DTypeQ, DTypeKV, DTypeO,
+// HEAD_DIM and GROUP.
+#pragma once
+#include "state.cuh"
+
+// One unit of work: `kv_len` keys of `request` starting at token `kv_start`; the request's pages
+// start at kv_indices[page_begin]. `partial` >= 0: the request is split into `num_pieces` chunks
+// whose partial states live in slots merge_begin .. merge_begin + num_pieces; this one is `partial`.
+struct DecodeWork {
+  int request, page_begin, kv_start, kv_len, partial, merge_begin, num_pieces;
+};
+
+struct DecodeParams {
+  const DTypeQ* q;            // [batch, num_qo_heads, HEAD_DIM]
+  const DTypeKV* k;           // page pool (K)
+  const DTypeKV* v;           // page pool (V)
+  const int* kv_indices;      // page ids; null: page i of a request is page_begin + i
+  const DecodeWork* work;     // [num_work]
+  DTypeO* o;                  // [batch, num_qo_heads, HEAD_DIM]
+  float* lse;                 // [batch, num_qo_heads] or null
+  float* partial_o;           // [num_partial, num_qo_heads, HEAD_DIM]
+  float* partial_lse;         // [num_partial, num_qo_heads] (base 2)
+  int* counters;              // [batch, num_kv_heads], zero between runs
+  long long page_stride;      // elements between pages
+  long long token_stride;     // elements between tokens of a page
+  long long head_stride;      // elements between heads of a page
+  int page_size;
+  FastDiv page_size_div;      // division by page_size
+  int num_qo_heads;
+  float sm_scale_log2;        // softmax scale * log2(e)
+  float lse_out_scale;        // base-2 lse -> caller's base
+};
+
+// Writes a final output row of GROUP heads' slice [d0, d0 + N) and, once per head, its LSE.
+template <int N>
+__device__ __forceinline__ void write_final(const DecodeParams& p, int request, int qo_head, int d0, const float* o,
+                                            float lse2) {
+  const long long row = (long long)request * p.num_qo_heads + qo_head;
+  store_vec_f32<DTypeO, N>(p.o + row * HEAD_DIM + d0, o);
+  if (p.lse != nullptr && d0 == 0) p.lse[row] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+}
+
+// Split-KV: called by every thread of a block after it wrote its partial state. The last block of
+// a (request, KV head) to finish merges all the request's pieces, in slot order (so the result
+// does not depend on which block came last), and writes the final output. This replaces a second
+// kernel launch. `smem` must hold num_pieces * GROUP floats and be free to reuse.
+template <int NT>
+__device__ __forceinline__ void merge_split_pieces(const DecodeParams& p, const DecodeWork& w, int kv_head, int tid,
+                                                   float* smem) {
+  __shared__ int is_last;
+  __threadfence();  // our partial state is visible device-wide before we count ourselves done
+  __syncthreads();
+  if (tid == 0) {
+    int* counter = p.counters + (long long)w.request * gridDim.y + kv_head;
+    const int done = atomicAdd(counter, 1) + 1;
+    is_last = done == w.num_pieces;
+    if (is_last) *counter = 0;  // ready for the next run (CUDA graph replays reuse the plan)
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  const int n = w.num_pieces;
+  for (int i = tid; i < n * GROUP; i += NT) {
+    const int piece = i / GROUP, g = i % GROUP;
+    smem[i] = __ldcg(p.partial_lse + (long long)(w.merge_begin + piece) * p.num_qo_heads + kv_head * GROUP + g);
+  }
+  __syncthreads();
+  constexpr int V = 4;
+  for (int item = tid; item < GROUP * (HEAD_DIM / V); item += NT) {
+    const int g = item / (HEAD_DIM / V), d0 = (item % (HEAD_DIM / V)) * V;
+    const int qo_head = kv_head * GROUP + g;
+    float m = NEG_INF;
+    for (int piece = 0; piece < n; ++piece) m = fmaxf(m, smem[piece * GROUP + g]);
+    float acc[V] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
+    if (m != NEG_INF) {
+#pragma unroll 8
+      for (int piece = 0; piece < n; ++piece) {
+        const float wgt = fast_exp2(smem[piece * GROUP + g] - m);  // empty piece: 0
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(
+            p.partial_o + ((long long)(w.merge_begin + piece) * p.num_qo_heads + qo_head) * HEAD_DIM + d0));
+        den += wgt;
+        acc[0] += wgt * v.x;
+        acc[1] += wgt * v.y;
+        acc[2] += wgt * v.z;
+        acc[3] += wgt * v.w;
+      }
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] *= inv;
+    write_final<V>(p, w.request, qo_head, d0, acc, den > 0.f ? m + fast_log2(den) : NEG_INF);
+  }
+}
