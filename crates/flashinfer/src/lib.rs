@@ -6,6 +6,7 @@
 //! - [`jit`]: NVRTC discovery, compilation to CUBIN, the on-disk cache, loaded modules.
 //! - [`merge`]: the attention-state merge operators on the GPU.
 //! - [`decode`]: batch decode on a paged KV cache (plan/run, split-KV).
+//! - [`plan`]: the schedulers behind each op's `plan()`, pure functions of request lengths.
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
 
@@ -17,6 +18,7 @@ pub mod jit;
 pub mod layout;
 pub mod merge;
 pub mod params;
+pub mod plan;
 pub mod random;
 pub mod reference;
 

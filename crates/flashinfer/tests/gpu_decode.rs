@@ -472,3 +472,23 @@ fn gpu_decode_rejects_bad_input_before_launch() {
         "nothing may be written on a rejected call"
     );
 }
+
+/// Small cases for compute-sanitizer (memcheck and racecheck run these quickly): a split request,
+/// page size 1, a combined HND pool with a padded page stride, GQA 5 and 8, head_dim 64 and 256,
+/// an empty request, both kernels.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_decode_sanitizer_cases() {
+    let mut rng = Rng::fresh("decode_sanitizer");
+    let mut c = case(vec![3000], 16, (32, 8), 128, KvLayout::Nhd);
+    c.expect_split = Some(true);
+    run_case::<half::bf16, half::bf16>(&c, &mut rng);
+    run_case::<half::f16, half::f16>(
+        &case(vec![0, 17, 1, 100], 1, (40, 8), 64, KvLayout::Hnd),
+        &mut rng,
+    );
+    let mut c = case(vec![33, 0, 5, 64], 5, (64, 8), 256, KvLayout::Hnd);
+    c.combined = true;
+    c.stride_pad = 16;
+    run_case::<half::bf16, half::bf16>(&c, &mut rng);
+}

@@ -261,3 +261,60 @@ fn gpu_merge_rejects_bad_lengths_before_launch() {
         "{err}"
     );
 }
+
+/// Ops launch on the stream of the device handle they are given, including a stream the caller
+/// owns and passes as a raw `CUstream`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_merge_runs_on_a_borrowed_stream() {
+    let dev = device();
+    let owned = dev.context().new_stream().unwrap();
+    // SAFETY: `owned` is a live stream of this context and outlives `on_stream` and its work.
+    let on_stream = unsafe { dev.with_borrowed_stream(owned.cu_stream()) }.unwrap();
+    assert_eq!(on_stream.stream().cu_stream(), owned.cu_stream());
+    let mut rng = Rng::fresh("borrowed stream");
+    let (rows, heads, dim) = (64, 8, 128);
+    let n = rows * heads * dim;
+    let (va, vb) = (rng.vec::<half::bf16>(n, 2.0), rng.vec::<half::bf16>(n, 2.0));
+    let (sa, sb) = (
+        random_lse(&mut rng, rows * heads),
+        random_lse(&mut rng, rows * heads),
+    );
+    let mut want_v = vec![half::bf16::ZERO; n];
+    let mut want_s = vec![0f32; rows * heads];
+    reference::merge_state(
+        &va,
+        &sa,
+        &vb,
+        &sb,
+        heads,
+        dim,
+        LseBase::Natural,
+        &mut want_v,
+        &mut want_s,
+    )
+    .unwrap();
+    let st = on_stream.stream();
+    let (a, b, x, y) = (
+        upload(&on_stream, &va),
+        upload(&on_stream, &vb),
+        upload(&on_stream, &sa),
+        upload(&on_stream, &sb),
+    );
+    let mut o = poisoned::<half::bf16>(&on_stream, n);
+    merge::merge_state(
+        &on_stream,
+        DevSlice::new(&a, st),
+        DevSlice::new(&x, st),
+        DevSlice::new(&b, st),
+        DevSlice::new(&y, st),
+        heads,
+        dim,
+        LseBase::Natural,
+        DevSliceMut::new(&mut o, st),
+        None,
+    )
+    .unwrap();
+    let err = rel_l2_error(&to_f32(&download(&on_stream, &o)), &to_f64(&want_v));
+    assert!(err <= 1e-2, "rel err {err}");
+}

@@ -22,12 +22,14 @@ pub struct DeviceInfo {
     pub total_mem: usize,
 }
 
-/// A device context the engine launches on. Cheap to clone through `Arc`.
+/// A device context and the stream the engine's ops launch on. Cheap to clone through `Arc`;
+/// [`Device::with_stream`] gives a handle on the same context (sharing its loaded kernels) that
+/// launches on another stream, e.g. a serving framework's own.
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: ModuleRegistry,
+    modules: Arc<ModuleRegistry>,
 }
 
 /// Names the dynamic linker tries for the driver library.
@@ -98,7 +100,7 @@ impl Device {
             ctx,
             stream,
             info,
-            modules: ModuleRegistry::default(),
+            modules: Arc::default(),
         }))
     }
 
@@ -111,7 +113,7 @@ impl Device {
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
-    /// The stream the engine owns on this device.
+    /// The stream this handle's ops launch on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -136,13 +138,36 @@ impl Device {
         self.module(spec)?.function(entry)
     }
 
-    /// Wraps a stream owned by the caller (e.g. a framework's current stream).
+    /// A handle on the same device and loaded kernels whose ops launch on `stream` (a stream of
+    /// this device's context).
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Arc<Device>> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(crate::error::invalid(
+                "stream",
+                "belongs to another CUDA context",
+            ));
+        }
+        Ok(Arc::new(Device {
+            ctx: self.ctx.clone(),
+            stream,
+            info: self.info.clone(),
+            modules: self.modules.clone(),
+        }))
+    }
+
+    /// A handle whose ops launch on a stream owned by the caller (e.g. a framework's current
+    /// stream, as a raw `CUstream`).
     ///
     /// # Safety
-    /// `raw` must be a live stream of this device's primary context, and must outlive every use of
-    /// the returned handle. The caller orders its own work on that stream.
-    pub unsafe fn borrow_stream(&self, raw: cudarc::driver::sys::CUstream) -> Arc<CudaStream> {
+    /// `raw` must be a live stream of this device's primary context (or the null stream), and must
+    /// outlive every use of the returned handle and of work launched through it. The caller orders
+    /// its own work on that stream.
+    pub unsafe fn with_borrowed_stream(
+        &self,
+        raw: cudarc::driver::sys::CUstream,
+    ) -> Result<Arc<Device>> {
         // SAFETY: forwarded to the caller (see above).
-        unsafe { self.ctx.wrap_borrowed_stream(raw) }
+        let stream = unsafe { self.ctx.wrap_borrowed_stream(raw) };
+        self.with_stream(stream)
     }
 }

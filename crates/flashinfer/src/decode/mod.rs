@@ -6,10 +6,9 @@
 //! split, the last of its blocks to finish merges the partial states (kernels/decode_common.cuh).
 
 mod fastdiv;
-mod plan;
 mod tiles;
 
-pub use plan::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
+pub use crate::plan::decode::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
 
