@@ -324,12 +324,20 @@ fn save<T: Element>(
         &[lens.len()],
         table.kv_last_page_len(),
     )?;
-    let note = format!(
-        "flashinfer bench decode inputs/output. Values are the {} tensors widened exactly to float32.\n\
-         Layout {} ; softmax scale 1/sqrt({}) ; out = softmax(q.k * scale) v per query head, GQA head h -> kv head h / {}.\n",
+    let meta = format!(
+        "{{\"op\": \"batch_decode\", \"dtype\": \"{}\", \"layout\": \"{}\", \"page_size\": {ps}, \
+         \"num_qo_heads\": {hq}, \"num_kv_heads\": {hk}, \"head_dim\": {d}, \"sm_scale\": {}}}\n",
         a.dtype,
         a.layout,
-        a.head_dim,
+        1.0 / (d as f64).sqrt(),
+    );
+    std::fs::write(dir.join("meta.json"), meta).map_err(|e| e.to_string())?;
+    let note = format!(
+        "flashinfer bench decode: inputs and output. Values are the {} tensors widened exactly to \
+         float32; meta.json has the shapes and scale. out[b, h] = softmax(q[b, h] . K^T * sm_scale) V \
+         over request b's tokens, query head h reading KV head h / {}. scripts/check_decode_npy.py \
+         recomputes it with NumPy.\n",
+        a.dtype,
         hq / hk,
     );
     std::fs::write(dir.join("README.txt"), note).map_err(|e| e.to_string())

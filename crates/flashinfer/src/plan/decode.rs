@@ -36,7 +36,8 @@ pub struct DecodeSchedule {
 }
 
 /// Smallest chunk worth a block of its own: one 64-token tile of the tensor-core kernel. Small
-/// batches are latency-bound, so spreading even a 1024-token request over 16 blocks pays.
+/// batches are latency-bound, so even a 1024-token request spreads over 16 blocks per KV head.
+/// Measured on the H200 at 1 x 1024: 10.5 us with 64-token chunks, 10.85 us with 128.
 pub const MIN_CHUNK: usize = 64;
 /// Chunks are whole multiples of this many tokens (so that they are whole kernel tiles for the
 /// common tile of 32, and whole pages for power-of-two page sizes up to 64).
