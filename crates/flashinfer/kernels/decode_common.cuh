@@ -18,6 +18,7 @@ struct DecodeParams {
   const DTypeKV* v;           // page pool (V)
   const int* kv_indices;      // page ids; null: page i of a request is page_begin + i
   const DecodeWork* work;     // [num_work]
+  const int* num_work;        // work items of this plan; blocks past it exit (CUDA-graph mode)
   DTypeO* o;                  // [batch, num_qo_heads, HEAD_DIM]
   float* lse;                 // [batch, num_qo_heads] or null
   float* partial_o;           // [num_partial, num_qo_heads, HEAD_DIM]
@@ -32,6 +33,9 @@ struct DecodeParams {
   float sm_scale_log2;        // softmax scale * log2(e)
   float lse_out_scale;        // base-2 lse -> caller's base
 };
+
+// Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
+__device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return (int)blockIdx.x < *p.num_work; }
 
 // Writes a final output row of GROUP heads' slice [d0, d0 + N) and, once per head, its LSE.
 template <int N>

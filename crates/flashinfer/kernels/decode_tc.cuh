@@ -40,7 +40,9 @@ batch_decode(const DecodeParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int kv_head = blockIdx.y;
+  // Both loads in flight at once: the work list always has a slot for every block of the grid.
   const DecodeWork w = p.work[blockIdx.x];
+  if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
   // Query fragments (A operand), converted to the KV type for the mma; rows >= GROUP are zero.
   u32 qa[HEAD_DIM / 16][4];

@@ -6,8 +6,8 @@
 
 mod support;
 
-use flashinfer::cuda::{DevSlice, DevSliceMut, DeviceRepr};
-use flashinfer::decode::{BatchDecode, DecodeConfig, DecodeTiles, SingleDecode};
+use flashinfer::cuda::{DevSlice, DevSliceMut, DeviceRepr, Graph};
+use flashinfer::decode::{BatchDecode, DecodeConfig, DecodeTiles, GraphLimits, SingleDecode};
 use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc};
 use flashinfer::reference::{self, rel_l2_error};
 use flashinfer::{AttentionParams, Element, LseBase};
@@ -491,4 +491,120 @@ fn gpu_decode_sanitizer_cases() {
     c.combined = true;
     c.stride_pad = 16;
     run_case::<half::bf16, half::bf16>(&c, &mut rng);
+}
+
+/// CUDA-graph mode: `run()` is captured once; each later step only re-plans (one host-to-device
+/// copy) and replays the graph, for batches shorter, longer, split, and all-empty.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_decode_cuda_graph_replays_after_replan() {
+    let dev = device();
+    let st = dev.stream();
+    let mut rng = Rng::fresh("decode_graph");
+    let heads = HeadConfig::new(32, 8, 128).unwrap();
+    let (page_size, max_batch, max_pages) = (16, 8, 1200);
+    let desc = PagedKvDesc::new(KvLayout::Nhd, max_pages, page_size, 8, 128).unwrap();
+    let k: Vec<half::bf16> = rng.vec(desc.required_len(), 1.0);
+    let v: Vec<half::bf16> = rng.vec(desc.required_len(), 1.0);
+    let pool = PagedKv::new(desc, &k, &v).unwrap();
+    let (dk, dv) = (upload(&dev, &k), upload(&dev, &v));
+    let params = AttentionParams::default();
+    let cfg = DecodeConfig {
+        heads,
+        q_dtype: flashinfer::DType::BF16,
+        kv_dtype: flashinfer::DType::BF16,
+        params,
+        allow_split: true,
+    };
+    let mut op = BatchDecode::for_cuda_graph(
+        &dev,
+        cfg,
+        GraphLimits {
+            max_batch,
+            max_pages,
+        },
+    )
+    .unwrap();
+    let row = 32 * 128;
+    let mut dq = upload(&dev, &vec![half::bf16::ZERO; max_batch * row]);
+    let mut dout = poisoned::<half::bf16>(&dev, max_batch * row);
+    let mut dlse = poisoned::<f32>(&dev, max_batch * 32);
+    let mut di = upload(&dev, &vec![0i32; max_pages]);
+    let steps: [Vec<usize>; 5] = [
+        vec![100, 2000, 0, 17],
+        vec![4000, 1, 3, 500, 999, 0, 16, 7],
+        vec![15000],
+        vec![1],
+        vec![0, 0],
+    ];
+    let mut graph: Option<Graph> = None;
+    for lens in steps {
+        let mut ids: Vec<i32> = (0..max_pages as i32).collect();
+        rng.shuffle(&mut ids);
+        let table = PageTable::from_kv_lens(&lens, page_size, &ids, max_pages).unwrap();
+        let q: Vec<half::bf16> = rng.vec(lens.len() * row, 1.0);
+        st.memcpy_htod(&q, &mut dq).unwrap();
+        st.memcpy_htod(table.kv_indices(), &mut di).unwrap();
+        st.memcpy_htod(
+            &vec![half::bf16::from_f32(f32::NAN); max_batch * row],
+            &mut dout,
+        )
+        .unwrap();
+        op.plan(&table).unwrap();
+        if graph.is_none() {
+            let captured = Graph::capture(st, || {
+                op.run(
+                    DevSlice::new(&dq, st),
+                    DevSlice::new(&dk, st),
+                    DevSlice::new(&dv, st),
+                    &desc,
+                    DevSlice::new(&di, st),
+                    DevSliceMut::new(&mut dout, st),
+                    Some(DevSliceMut::new(&mut dlse, st)),
+                )
+            });
+            graph = Some(captured.unwrap());
+        }
+        graph.as_ref().unwrap().replay().unwrap();
+        let got = to_f32(&download(&dev, &dout));
+        let got_lse = download(&dev, &dlse);
+        let q32 = to_f32(&q);
+        let mut want = vec![0f32; q.len()];
+        let mut want_lse = vec![0f32; lens.len() * 32];
+        reference::batch_decode(
+            &q32,
+            &pool,
+            &table,
+            heads,
+            &params,
+            &mut want,
+            Some(&mut want_lse),
+        )
+        .unwrap();
+        for (r, &len) in lens.iter().enumerate() {
+            let g = &got[r * row..(r + 1) * row];
+            if len == 0 {
+                assert!(
+                    g.iter().all(|&x| x == 0.0),
+                    "{lens:?}: empty request {r} must output zeros"
+                );
+            } else {
+                let w: Vec<f64> = want[r * row..(r + 1) * row]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let err = rel_l2_error(g, &w);
+                assert!(
+                    err <= 1e-2,
+                    "{lens:?}: request {r} (kv_len {len}) rel err {err}"
+                );
+            }
+        }
+        check_lse(
+            &format!("{lens:?} lse"),
+            &got_lse[..lens.len() * 32],
+            &want_lse,
+            1e-3,
+        );
+    }
 }

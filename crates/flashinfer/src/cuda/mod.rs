@@ -5,12 +5,14 @@
 //! point returns [`crate::Error::NoGpu`] on a machine without a driver instead of panicking.
 
 mod device;
+mod graph;
 mod launch;
 mod tensor;
 mod workspace;
 
 pub use cudarc::driver::{sys, CudaSlice, CudaStream, DriverError};
 pub use device::{Device, DeviceInfo};
+pub use graph::Graph;
 pub use launch::{launch, LaunchConfig};
 pub use tensor::{DevSlice, DevSliceMut, DeviceRepr};
 pub use workspace::Workspace;

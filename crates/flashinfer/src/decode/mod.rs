@@ -43,6 +43,7 @@ struct DecodeParams {
     v: u64,
     kv_indices: u64,
     work: u64,
+    num_work: u64,
     o: u64,
     lse: u64,
     partial_o: u64,
@@ -59,9 +60,27 @@ struct DecodeParams {
     lse_out_scale: f32,
 }
 
+/// What a CUDA-graph-mode decode is sized for: every plan must fit these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphLimits {
+    /// Most requests in one step.
+    pub max_batch: usize,
+    /// Most page ids (`kv_indices` entries) in one step.
+    pub max_pages: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct GraphShape {
+    limits: GraphLimits,
+    /// Work items the fixed grid has room for.
+    max_work: usize,
+}
+
 /// Byte offsets of the plan's pieces inside the workspace.
 #[derive(Clone, Copy, Debug, Default)]
 struct WorkspaceLayout {
+    /// The number of work items (one i32), read by every block.
+    num_work: usize,
     work: usize,
     /// One arrival counter per (request, KV head), zero between runs.
     counters: usize,
@@ -72,6 +91,22 @@ struct WorkspaceLayout {
 
 fn align(x: usize) -> usize {
     x.div_ceil(256) * 256
+}
+
+impl WorkspaceLayout {
+    /// Room for `work` items, `batch` requests and `partial` partial states.
+    fn new(work: usize, batch: usize, partial: usize, h: HeadConfig) -> Self {
+        let mut l = WorkspaceLayout {
+            num_work: 0,
+            work: 256,
+            ..Default::default()
+        };
+        l.counters = l.work + align(work * std::mem::size_of::<DecodeWork>());
+        l.partial_o = l.counters + align(batch * h.num_kv_heads * 4);
+        l.partial_lse = l.partial_o + align(partial * h.num_qo_heads * h.head_dim * 4);
+        l.total = l.partial_lse + align(partial * h.num_qo_heads * 4);
+        l
+    }
 }
 
 /// A planned batch decode.
@@ -87,6 +122,7 @@ pub struct BatchDecode {
     page_size: usize,
     kv_indices_len: usize,
     planned: bool,
+    graph: Option<GraphShape>,
 }
 
 impl BatchDecode {
@@ -133,7 +169,40 @@ impl BatchDecode {
             page_size: 0,
             kv_indices_len: 0,
             planned: false,
+            graph: None,
         })
+    }
+
+    /// A decode whose `run()` can be captured in a CUDA graph once and replayed after every later
+    /// `plan()`: the grid and every workspace offset are fixed for `limits`, and everything a
+    /// plan changes (the work list, its length, the split counters) lives in the workspace that
+    /// `plan()` rewrites with one asynchronous copy. `q`/`o`/`lse` given to `run()` hold
+    /// `limits.max_batch` rows and `kv_indices` at least `limits.max_pages` entries; a step uses
+    /// the first rows and entries.
+    pub fn for_cuda_graph(
+        dev: &Arc<Device>,
+        cfg: DecodeConfig,
+        limits: GraphLimits,
+    ) -> Result<Self> {
+        ensure(limits.max_batch >= 1, "limits", || {
+            "max_batch must be at least 1".into()
+        })?;
+        let mut op = Self::new(dev, cfg)?;
+        // The planner makes one item per request, or (when it splits) at most one wave of items.
+        let max_work = limits
+            .max_batch
+            .max(op.wave() / cfg.heads.num_kv_heads)
+            .max(1);
+        op.layout = WorkspaceLayout::new(max_work, limits.max_batch, max_work, cfg.heads);
+        op.workspace = Workspace::new(dev.stream(), op.layout.total)?;
+        op.graph = Some(GraphShape { limits, max_work });
+        Ok(op)
+    }
+
+    /// Blocks of this kernel resident on the whole GPU at once.
+    fn wave(&self) -> usize {
+        let info = self.dev.info();
+        info.sm_count * self.tiles.ctas_per_sm(info.smem_per_sm)
     }
 
     /// The kernel specialisation this op runs.
@@ -157,8 +226,7 @@ impl BatchDecode {
             "table",
             || "a request is too long".into(),
         )?;
-        let info = self.dev.info();
-        let wave = info.sm_count * self.tiles.ctas_per_sm(info.smem_per_sm);
+        let wave = self.wave();
         let page_begin = &table.kv_indptr()[..table.batch_size()];
         let s = plan_decode(
             &kv_lens,
@@ -169,19 +237,49 @@ impl BatchDecode {
             self.cfg.allow_split,
         );
         let h = self.cfg.heads;
-        let mut l = WorkspaceLayout {
-            work: 0,
-            ..Default::default()
+        let l = match self.graph {
+            Some(g) => {
+                let lim = g.limits;
+                ensure(table.batch_size() <= lim.max_batch, "table", || {
+                    format!(
+                        "has {} requests; the graph was sized for {}",
+                        table.batch_size(),
+                        lim.max_batch
+                    )
+                })?;
+                ensure(table.kv_indices().len() <= lim.max_pages, "table", || {
+                    format!(
+                        "uses {} pages; the graph was sized for {}",
+                        table.kv_indices().len(),
+                        lim.max_pages
+                    )
+                })?;
+                ensure(
+                    s.work.len() <= g.max_work && s.num_partial <= g.max_work,
+                    "table",
+                    || {
+                        format!(
+                            "needs {} work items; the graph has room for {}",
+                            s.work.len(),
+                            g.max_work
+                        )
+                    },
+                )?;
+                self.layout
+            }
+            None => {
+                let l = WorkspaceLayout::new(s.work.len(), table.batch_size(), s.num_partial, h);
+                if l.total > self.workspace.bytes() {
+                    self.workspace =
+                        Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
+                }
+                l
+            }
         };
-        l.counters = align(s.work.len() * std::mem::size_of::<DecodeWork>());
-        l.partial_o = l.counters + align(table.batch_size() * h.num_kv_heads * 4);
-        l.partial_lse = l.partial_o + align(s.num_partial * h.num_qo_heads * h.head_dim * 4);
-        l.total = l.partial_lse + align(s.num_partial * h.num_qo_heads * 4);
-        if l.total > self.workspace.bytes() {
-            self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
-        }
-        // One host buffer holding the work list and the zeroed counters, copied in one transfer.
+        // One host buffer holding the item count, the work list and the zeroed counters, copied
+        // in one transfer.
         let mut host = vec![0u8; l.partial_o];
+        host[l.num_work..l.num_work + 4].copy_from_slice(&(s.work.len() as i32).to_ne_bytes());
         // SAFETY: DecodeWork is repr(C) plain old data.
         let work_bytes = unsafe {
             std::slice::from_raw_parts(
@@ -189,7 +287,7 @@ impl BatchDecode {
                 s.work.len() * std::mem::size_of::<DecodeWork>(),
             )
         };
-        host[..work_bytes.len()].copy_from_slice(work_bytes);
+        host[l.work..l.work + work_bytes.len()].copy_from_slice(work_bytes);
         // SAFETY: the workspace holds at least l.total >= host.len() bytes; the copy is ordered on
         // the engine's stream before any launch of run(), and the host buffer is pageable, so the
         // driver stages it before returning.
@@ -226,17 +324,12 @@ impl BatchDecode {
         o: DevSliceMut<Q>,
         lse: Option<DevSliceMut<f32>>,
     ) -> Result<()> {
-        ensure(
-            kv_indices.len() >= self.kv_indices_len,
-            "kv_indices",
-            || {
-                format!(
-                    "has {} entries, the planned table has {}",
-                    kv_indices.len(),
-                    self.kv_indices_len
-                )
-            },
-        )?;
+        let need = self
+            .graph
+            .map_or(self.kv_indices_len, |g| g.limits.max_pages);
+        ensure(kv_indices.len() >= need, "kv_indices", || {
+            format!("has {} entries, the plan needs {need}", kv_indices.len())
+        })?;
         self.launch(q, k_cache, v_cache, kv, kv_indices.ptr(), o, lse)
     }
 
@@ -283,7 +376,9 @@ impl BatchDecode {
             format!("page_size {} exceeds i32::MAX", kv.page_size)
         })?;
         kv.check_buffers(k_cache.len(), v_cache.len())?;
-        let b = self.batch_size;
+        // In graph mode the buffers are sized for the largest step, and the kernel touches only
+        // the rows of the planned requests.
+        let b = self.graph.map_or(self.batch_size, |g| g.limits.max_batch);
         let rows = b * h.num_qo_heads;
         ensure(q.len() == rows * h.head_dim, "q", || {
             format!(
@@ -332,6 +427,7 @@ impl BatchDecode {
             v: v_base,
             kv_indices: kv_indices_ptr,
             work: ws + self.layout.work as u64,
+            num_work: ws + self.layout.num_work as u64,
             o: o.ptr(),
             lse: lse.as_ref().map_or(0, |l| l.ptr()),
             partial_o: ws + self.layout.partial_o as u64,
@@ -348,7 +444,11 @@ impl BatchDecode {
             lse_out_scale: cfg.params.lse_base.from_log2(1.0),
         };
         let launch_cfg = LaunchConfig {
-            grid: (self.schedule.work.len() as u32, h.num_kv_heads as u32, 1),
+            grid: (
+                self.graph.map_or(self.schedule.work.len(), |g| g.max_work) as u32,
+                h.num_kv_heads as u32,
+                1,
+            ),
             block: self.tiles.block(),
             smem_bytes: self.tiles.smem_bytes() as u32,
         };
