@@ -2,7 +2,7 @@
 //
 // Computes, for each work item (request, KV chunk) and KV head, the attention of the GROUP query
 // heads that share that KV head over the chunk's keys, and writes either the final output (and
-// LSE) or a partial state that merge_states_varlen combines later (split-KV).
+// LSE) or a partial state that the request's last block merges (split-KV, decode_common.cuh).
 //
 // The generated source defines before including this file:
 //   DTypeQ, DTypeKV, DTypeO   element types

@@ -5,8 +5,6 @@
 //! disjoint key sets gives the state of their union. These ops are what split-KV and cascade
 //! attention combine partial results with; the CPU versions are in `reference::merge`.
 
-use std::ffi::c_void;
-
 use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
@@ -251,47 +249,15 @@ pub fn merge_states_varlen<T: Element>(
         check_len("s_out", so.len(), rows * num_heads)?;
     }
     let vec = pick_vec(T::DTYPE, head_dim, &[v.ptr(), v_out.ptr()]);
-    let spec = merge_spec(T::DTYPE, T::DTYPE, vec);
+    let func = dev.kernel(&merge_spec(T::DTYPE, T::DTYPE, vec), "merge_states_varlen")?;
     let (to2, from2) = base_factors(base);
+    let (pv, ps, pi, po) = (v.ptr(), s.ptr(), indptr.ptr(), v_out.ptr());
+    let pr = 0u64; // out_rows: row i merges into output row i
     let pso = s_out.as_ref().map_or(0, |s| s.ptr());
-    // SAFETY: indptr was validated against the state count, so every state index is in bounds.
-    unsafe {
-        launch_varlen(
-            dev,
-            &spec,
-            vec,
-            rows,
-            num_heads,
-            head_dim,
-            [v.ptr(), s.ptr(), indptr.ptr(), 0, v_out.ptr(), pso],
-            to2,
-            from2,
-        )
-    }
-}
-
-/// Launches `merge_states_varlen`; `ptrs` = [v, s, indptr, out_rows (0 = identity), v_out, s_out (0 = none)].
-///
-/// # Safety
-/// Every pointer must be valid for the rows, states and heads the indptr describes.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn launch_varlen(
-    dev: &Device,
-    spec: &KernelSpec,
-    vec: usize,
-    rows: usize,
-    num_heads: usize,
-    head_dim: usize,
-    ptrs: [u64; 6],
-    to_log2: f32,
-    from_log2: f32,
-) -> Result<()> {
-    let func = dev.kernel(spec, "merge_states_varlen")?;
-    let [pv, ps, pi, pr, po, pso] = ptrs;
     let (h, d) = (num_heads as i32, head_dim as i32);
-    let mut args: [*mut c_void; 10] =
-        crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &h, &d, &to_log2, &from_log2];
-    // SAFETY: forwarded to the caller.
+    let mut args = crate::kernel_args![&pv, &ps, &pi, &pr, &po, &pso, &h, &d, &to2, &from2];
+    // SAFETY: argument list matches merge_states_varlen; indptr was validated against the state
+    // count, so every state index is in bounds, and the lengths were checked above.
     unsafe {
         launch(
             func,

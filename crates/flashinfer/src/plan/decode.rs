@@ -29,10 +29,6 @@ pub struct DecodeSchedule {
     /// Tokens per chunk (`None`: no request was split).
     pub chunk_size: Option<usize>,
     pub num_partial: usize,
-    /// For each split request, its partial slots `merge_indptr[i]..merge_indptr[i+1]`...
-    pub merge_indptr: Vec<i32>,
-    /// ...and the request (output row) they merge into.
-    pub merge_rows: Vec<i32>,
 }
 
 /// Smallest chunk worth a block of its own: one 64-token tile of the tensor-core kernel. Small
@@ -88,7 +84,6 @@ pub fn plan_decode(
         chunk_size: chunk,
         ..Default::default()
     };
-    s.merge_indptr.push(0);
     for (r, &len) in kv_lens.iter().enumerate() {
         let c = chunk.unwrap_or(len.max(1));
         let pieces = len.div_ceil(c).max(1);
@@ -111,8 +106,6 @@ pub fn plan_decode(
         }
         if pieces > 1 {
             s.num_partial += pieces;
-            s.merge_indptr.push(s.num_partial as i32);
-            s.merge_rows.push(r as i32);
         }
     }
     s
@@ -155,8 +148,12 @@ mod tests {
             prop_assert_eq!(&covered, &lens);
             prop_assert!(slots.iter().all(|&x| x));
             prop_assert!(s.work.iter().all(|w| (w.num_pieces as usize) <= max_pieces || w.partial < 0));
-            prop_assert_eq!(s.merge_indptr.len(), s.merge_rows.len() + 1);
-            prop_assert_eq!(*s.merge_indptr.last().unwrap() as usize, s.num_partial);
+            // A split request's items agree on its slot range, which holds exactly its pieces.
+            for w in s.work.iter().filter(|w| w.partial >= 0) {
+                let same: Vec<_> = s.work.iter().filter(|x| x.request == w.request).collect();
+                prop_assert_eq!(same.len(), w.num_pieces as usize);
+                prop_assert!(same.iter().all(|x| x.merge_begin == w.merge_begin && x.num_pieces == w.num_pieces));
+            }
             if s.chunk_size.is_some() {
                 prop_assert!(s.work.len() <= (wave / heads).max(1).max(lens.len()));
             }
