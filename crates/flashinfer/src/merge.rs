@@ -9,6 +9,7 @@ use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
 use crate::jit::KernelSpec;
+use crate::layout::check_len;
 use crate::params::LseBase;
 
 /// The merge kernels for one (input, output) element type pair and vector width.
@@ -72,12 +73,6 @@ fn check_shapes(num_heads: usize, head_dim: usize) -> Result<()> {
     })
 }
 
-fn check_len(arg: &'static str, len: usize, want: usize) -> Result<()> {
-    ensure(len == want, arg, || {
-        format!("has {len} elements, expected {want}")
-    })
-}
-
 fn check_rows(rows: usize) -> Result<()> {
     ensure(rows < i32::MAX as usize, "v", || {
         format!("{rows} rows is too many for one launch")
@@ -101,13 +96,28 @@ pub fn merge_state<T: Element>(
     check_shapes(num_heads, head_dim)?;
     let rows = s_a.len() / num_heads;
     check_rows(rows)?;
-    check_len("s_a", s_a.len(), rows * num_heads)?;
-    check_len("v_a", v_a.len(), rows * num_heads * head_dim)?;
-    check_len("v_b", v_b.len(), rows * num_heads * head_dim)?;
-    check_len("s_b", s_b.len(), rows * num_heads)?;
-    check_len("v_out", v_out.len(), rows * num_heads * head_dim)?;
+    check_len("s_a", s_a.len(), rows * num_heads, "[rows, num_heads]")?;
+    check_len(
+        "v_a",
+        v_a.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
+    check_len(
+        "v_b",
+        v_b.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
+    check_len("s_b", s_b.len(), rows * num_heads, "[rows, num_heads]")?;
+    check_len(
+        "v_out",
+        v_out.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
     if let Some(s) = &s_out {
-        check_len("s_out", s.len(), rows * num_heads)?;
+        check_len("s_out", s.len(), rows * num_heads, "[rows, num_heads]")?;
     }
     let vec = pick_vec(T::DTYPE, head_dim, &[v_a.ptr(), v_b.ptr(), v_out.ptr()]);
     let func = dev.kernel(&merge_spec(T::DTYPE, T::DTYPE, vec), "merge_state")?;
@@ -143,12 +153,27 @@ pub fn merge_state_in_place<T: Element>(
     check_shapes(num_heads, head_dim)?;
     let rows = s.len() / num_heads;
     check_rows(rows)?;
-    check_len("s", s.len(), rows * num_heads)?;
-    check_len("v", v.len(), rows * num_heads * head_dim)?;
-    check_len("v_other", v_other.len(), rows * num_heads * head_dim)?;
-    check_len("s_other", s_other.len(), rows * num_heads)?;
+    check_len("s", s.len(), rows * num_heads, "[rows, num_heads]")?;
+    check_len(
+        "v",
+        v.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
+    check_len(
+        "v_other",
+        v_other.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
+    check_len(
+        "s_other",
+        s_other.len(),
+        rows * num_heads,
+        "[rows, num_heads]",
+    )?;
     if let Some(m) = &mask {
-        check_len("mask", m.len(), rows)?;
+        check_len("mask", m.len(), rows, "[rows]")?;
     }
     let vec = pick_vec(T::DTYPE, head_dim, &[v.ptr(), v_other.ptr()]);
     let func = dev.kernel(&merge_spec(T::DTYPE, T::DTYPE, vec), "merge_state_in_place")?;
@@ -187,11 +212,26 @@ pub fn merge_states<T: Element>(
     })?;
     let rows = s.len() / (num_states * num_heads);
     check_rows(rows)?;
-    check_len("s", s.len(), rows * num_states * num_heads)?;
-    check_len("v", v.len(), rows * num_states * num_heads * head_dim)?;
-    check_len("v_out", v_out.len(), rows * num_heads * head_dim)?;
+    check_len(
+        "s",
+        s.len(),
+        rows * num_states * num_heads,
+        "[rows, num_states, num_heads]",
+    )?;
+    check_len(
+        "v",
+        v.len(),
+        rows * num_states * num_heads * head_dim,
+        "[rows, num_states, num_heads, head_dim]",
+    )?;
+    check_len(
+        "v_out",
+        v_out.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
     if let Some(so) = &s_out {
-        check_len("s_out", so.len(), rows * num_heads)?;
+        check_len("s_out", so.len(), rows * num_heads, "[rows, num_heads]")?;
     }
     let vec = pick_vec(T::DTYPE, head_dim, &[v.ptr(), v_out.ptr()]);
     let func = dev.kernel(&merge_spec(T::DTYPE, T::DTYPE, vec), "merge_states")?;
@@ -231,7 +271,7 @@ pub fn merge_states_varlen<T: Element>(
     crate::layout::Ragged::new("indptr", indptr_host)?;
     let rows = indptr_host.len() - 1;
     check_rows(rows)?;
-    check_len("indptr", indptr.len(), indptr_host.len())?;
+    check_len("indptr", indptr.len(), indptr_host.len(), "[rows + 1]")?;
     ensure(
         *indptr_host.last().unwrap_or(&0) as usize == total,
         "indptr",
@@ -242,11 +282,21 @@ pub fn merge_states_varlen<T: Element>(
             )
         },
     )?;
-    check_len("s", s.len(), total * num_heads)?;
-    check_len("v", v.len(), total * num_heads * head_dim)?;
-    check_len("v_out", v_out.len(), rows * num_heads * head_dim)?;
+    check_len("s", s.len(), total * num_heads, "[total, num_heads]")?;
+    check_len(
+        "v",
+        v.len(),
+        total * num_heads * head_dim,
+        "[total, num_heads, head_dim]",
+    )?;
+    check_len(
+        "v_out",
+        v_out.len(),
+        rows * num_heads * head_dim,
+        "[rows, num_heads, head_dim]",
+    )?;
     if let Some(so) = &s_out {
-        check_len("s_out", so.len(), rows * num_heads)?;
+        check_len("s_out", so.len(), rows * num_heads, "[rows, num_heads]")?;
     }
     let vec = pick_vec(T::DTYPE, head_dim, &[v.ptr(), v_out.ptr()]);
     let func = dev.kernel(&merge_spec(T::DTYPE, T::DTYPE, vec), "merge_states_varlen")?;

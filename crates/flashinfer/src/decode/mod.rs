@@ -421,6 +421,7 @@ impl BatchDecode {
         self.workspace.check(self.layout.total)?;
 
         let ws = self.workspace.ptr();
+        let page_div = fastdiv::fast_div_params(kv.page_size as u32);
         let params = DecodeParams {
             q: q.ptr(),
             k: k_cache.ptr(),
@@ -437,8 +438,8 @@ impl BatchDecode {
             token_stride: kv.token_stride() as i64,
             head_stride: kv.head_stride() as i64,
             page_size: kv.page_size as i32,
-            page_size_div_magic: fastdiv::fast_div_params(kv.page_size as u32).0,
-            page_size_div_shift: fastdiv::fast_div_params(kv.page_size as u32).1,
+            page_size_div_magic: page_div.0,
+            page_size_div_shift: page_div.1,
             num_qo_heads: h.num_qo_heads as i32,
             sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
             lse_out_scale: cfg.params.lse_base.from_log2(1.0),
