@@ -47,9 +47,18 @@ __device__ __forceinline__ void mma_16816<half_t>(float* c, const u32* a, u32 b0
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two floats -> two 16-bit values of type T in one register (lo = first).
+// Two floats -> two 16-bit values of type T in one register (lo = first), one cvt instruction.
 template <class T>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  T a = from_float<T>(lo), b = from_float<T>(hi);
-  return (u32)a.bits | ((u32)b.bits << 16);
+__device__ __forceinline__ u32 pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ u32 pack2<bf16_t>(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <>
+__device__ __forceinline__ u32 pack2<half_t>(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
 }

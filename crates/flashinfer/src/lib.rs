@@ -6,6 +6,8 @@
 //! - [`jit`]: NVRTC discovery, compilation to CUBIN, the on-disk cache, loaded modules.
 //! - [`merge`]: the attention-state merge operators on the GPU.
 //! - [`decode`]: batch decode on a paged KV cache (plan/run, split-KV).
+//! - [`prefill`]: batch prefill and append on ragged or paged KV (plan/run, split-KV).
+//! - [`page`]: appending new tokens' K and V to a paged KV cache (plan/run).
 //! - [`plan`]: the schedulers behind each op's `plan()`, pure functions of request lengths.
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
@@ -17,8 +19,10 @@ pub mod error;
 pub mod jit;
 pub mod layout;
 pub mod merge;
+pub mod page;
 pub mod params;
 pub mod plan;
+pub mod prefill;
 pub mod random;
 pub mod reference;
 

@@ -5,17 +5,21 @@
 mod decode;
 mod jit;
 mod npy;
+mod prefill;
 mod timing;
 
 use clap::Subcommand;
 
 pub use decode::DecodeArgs;
 pub use jit::JitArgs;
+pub use prefill::PrefillArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Batch decode on a paged KV cache.
     Decode(DecodeArgs),
+    /// Batch prefill / append on ragged or paged KV.
+    Prefill(PrefillArgs),
     /// Cold NVRTC compile and cached load times of the shipped kernels.
     Jit(JitArgs),
 }
@@ -23,6 +27,7 @@ pub enum BenchCmd {
 pub fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::Decode(a) => decode::run(a),
+        BenchCmd::Prefill(a) => prefill::run(a),
         BenchCmd::Jit(a) => jit::run(a),
     }
 }
@@ -45,3 +50,4 @@ pub(crate) fn parse_heads(s: &str) -> Result<(usize, usize), String> {
 
 /// Peak numbers the benchmarks report against (measured on the H200, shared/gpu/README.md).
 pub(crate) const HBM_BYTES_PER_S: f64 = 4.3e12;
+pub(crate) const GEMM_FLOPS_PER_S: f64 = 790e12;

@@ -8,6 +8,8 @@
 mod fastdiv;
 mod tiles;
 
+pub(crate) use fastdiv::fast_div_params;
+
 pub use crate::plan::decode::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};

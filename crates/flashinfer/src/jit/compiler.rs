@@ -229,6 +229,12 @@ impl Jit {
     }
 
     fn compile_with(&self, spec: &KernelSpec, arch: Arch, options: &[String]) -> Result<Vec<u8>> {
+        if !spec.supports(arch) {
+            return Err(Error::Unsupported(format!(
+                "`{}` needs {} or newer; this GPU is {arch}",
+                spec.name, spec.min_arch
+            )));
+        }
         let compile_error = |log: String| Error::Compile {
             kernel: spec.name.clone(),
             arch: arch.sm_name(),

@@ -17,6 +17,9 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("decode.cuh", include_str!("../../kernels/decode.cuh")),
     ("mma.cuh", include_str!("../../kernels/mma.cuh")),
     ("decode_tc.cuh", include_str!("../../kernels/decode_tc.cuh")),
+    ("page.cuh", include_str!("../../kernels/page.cuh")),
+    ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
+    ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
 ];
 
 /// The contents of an embedded header, by file name.

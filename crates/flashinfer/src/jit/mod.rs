@@ -34,8 +34,13 @@ pub use spec::KernelSpec;
 ///
 /// To add an op's kernels: give the op a `fn ...() -> Vec<KernelSpec>` listing its shipped
 /// specialisations and add it to this list, one line per op.
-const CATALOG: &[fn() -> Vec<KernelSpec>] =
-    &[selftest::specs, crate::merge::specs, crate::decode::specs];
+const CATALOG: &[fn() -> Vec<KernelSpec>] = &[
+    selftest::specs,
+    crate::merge::specs,
+    crate::decode::specs,
+    crate::page::specs,
+    crate::prefill::specs,
+];
 
 /// The specs of [`CATALOG`], in order.
 pub fn catalog() -> Vec<KernelSpec> {

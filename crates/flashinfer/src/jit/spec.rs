@@ -1,5 +1,6 @@
 //! What the JIT compiles: one generated translation unit and the kernels it exports.
 
+use super::Arch;
 use crate::error::{ensure, Result};
 
 /// One kernel specialisation, ready to compile.
@@ -14,6 +15,8 @@ pub struct KernelSpec {
     pub source: String,
     /// The `extern "C"` kernel names the translation unit defines.
     pub entries: Vec<String>,
+    /// The oldest architecture the source compiles for (`wgmma` kernels need sm_90a).
+    pub min_arch: Arch,
 }
 
 /// The longest name we accept: it becomes part of a file name, with room for the key and suffix.
@@ -29,7 +32,19 @@ impl KernelSpec {
             name: name.into(),
             source: source.into(),
             entries: entries.into_iter().map(Into::into).collect(),
+            min_arch: Arch::SM80,
         }
+    }
+
+    /// The same spec, compiled only for `arch` and newer.
+    pub fn requires(mut self, arch: Arch) -> KernelSpec {
+        self.min_arch = arch;
+        self
+    }
+
+    /// Whether the source compiles for `arch`.
+    pub fn supports(&self, arch: Arch) -> bool {
+        arch >= self.min_arch
     }
 
     /// Checks what the compiler and the cache rely on: the name is a safe file-name stem, the

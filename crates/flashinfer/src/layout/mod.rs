@@ -2,14 +2,17 @@
 //!
 //! The paper's first idea lives here: a paged KV cache is a block-sparse row matrix whose column
 //! blocks are pages ([`PageTable`]); a ragged KV is the same with an affine index ([`Ragged`]);
-//! [`Bsr`] is the general form. No `unsafe`, no CUDA: everything here is tested on the CPU.
+//! [`Bsr`] is the general form; [`append_offsets`] says where appended tokens go in a page pool.
+//! No `unsafe`, no CUDA: everything here is tested on the CPU.
 
+mod append;
 mod bsr;
 mod heads;
 mod mask;
 mod paged;
 mod ragged;
 
+pub use append::append_offsets;
 pub use bsr::Bsr;
 pub use heads::HeadConfig;
 pub use mask::CustomMask;

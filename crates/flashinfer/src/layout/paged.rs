@@ -105,6 +105,50 @@ impl PagedKvDesc {
         Ok(self)
     }
 
+    /// Re-checks a description whose public fields may not come from the constructors: nonzero
+    /// sizes, V not overlapping K inside a page, pages not overlapping each other, and a pool
+    /// extent ([`PagedKvDesc::required_len`]) that fits `usize`. After it, every offset of a
+    /// (page < num_pages, token, head) is computable without overflow.
+    pub fn validate(&self) -> Result<()> {
+        ensure(self.page_size >= 1, "page_size", || {
+            "must be at least 1".into()
+        })?;
+        ensure(self.num_kv_heads >= 1, "num_kv_heads", || {
+            "must be at least 1".into()
+        })?;
+        ensure(self.head_dim >= 1, "head_dim", || {
+            "must be at least 1".into()
+        })?;
+        let page_elems = self
+            .page_size
+            .checked_mul(self.num_kv_heads)
+            .and_then(|x| x.checked_mul(self.head_dim))
+            .ok_or_else(|| invalid("desc", format!("one page of {self:?} overflows usize")))?;
+        if let Some(off) = self.v_offset {
+            ensure(off >= page_elems, "v_offset", || {
+                format!("{off} is smaller than one page's K part of {page_elems} elements")
+            })?;
+        }
+        let footprint = self
+            .v_offset
+            .unwrap_or(0)
+            .checked_add(page_elems)
+            .ok_or_else(|| invalid("v_offset", "page footprint overflows usize"))?;
+        ensure(self.page_stride >= footprint, "page_stride", || {
+            format!(
+                "{} is smaller than one page's footprint of {footprint} elements",
+                self.page_stride
+            )
+        })?;
+        if self.num_pages > 0 {
+            (self.num_pages - 1)
+                .checked_mul(self.page_stride)
+                .and_then(|x| x.checked_add(footprint))
+                .ok_or_else(|| invalid("page_stride", "the pool's extent overflows usize"))?;
+        }
+        Ok(())
+    }
+
     /// Elements of K (or of V) in one page.
     pub fn page_elems(&self) -> usize {
         self.page_size * self.num_kv_heads * self.head_dim

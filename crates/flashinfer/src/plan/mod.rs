@@ -3,3 +3,4 @@
 //! the result out in the workspace.
 
 pub mod decode;
+pub mod prefill;

@@ -11,12 +11,14 @@
 //! - `mask`: which keys a query row sees (none / causal bottom-right / custom bits).
 //! - `decode`, `prefill`: the public attention ops, validation first, then rows in parallel.
 //! - `merge`: the attention-state merge operators (output + LSE).
+//! - `append`: writing new tokens' K and V into their pages of a paged KV cache.
 //! - `check`: argument validation shared by all of them.
 //!
 //! Every function validates all of its arguments before touching an output and returns
 //! [`Error::InvalidArgument`](crate::error::Error::InvalidArgument) naming the argument; none
 //! panics on user input. A row that sees no key outputs zeros and LSE = -inf, never NaN.
 
+pub mod append;
 mod attend;
 mod check;
 pub mod decode;
@@ -25,6 +27,7 @@ mod mask;
 pub mod merge;
 pub mod prefill;
 
+pub use append::{append_paged_kv_cache, append_paged_kv_cache_combined};
 pub use decode::{batch_decode, single_decode};
 pub use merge::{merge_state, merge_state_in_place, merge_states, merge_states_varlen};
 pub use prefill::{batch_prefill_paged, batch_prefill_ragged, single_prefill};

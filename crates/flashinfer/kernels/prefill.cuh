@@ -1,0 +1,522 @@
+// prefill.cuh: batch prefill / append attention on tensor cores (mma.sync, sm_80 and newer), over
+// ragged (contiguous) or paged KV.
+//
+// What it computes: for each work item (a tile of CTA_Q packed query rows of one request, and a
+// range of its keys) and each KV head, softmax(q k^T * scale) v for those rows, written as the
+// final output or, when the plan split the request's keys, as a partial state (o, lse) that the
+// last block of the tile merges exactly (the paper's composable states).
+//
+// GQA packing (the paper's appendix A): the GROUP query heads that share a KV head are packed into
+// the rows of one tile. Packed row r of a request is (query token r / GROUP, head r % GROUP), so a
+// tile of 128 rows at GROUP 4 covers 32 tokens of 4 heads and every K/V element loaded serves all 4.
+//
+// The generated source defines DTypeQ, DTypeKV, DTypeO, HEAD_DIM (64/128/256), GROUP, WARPS_Q,
+// WARPS_KV, M_TILES, KV_TILE, NSTAGE, PAGED (0/1) and MASK_MODE (0 none, 1 causal, 2 custom);
+// prefill/tiles.rs chooses them.
+//
+// Thread layout: WARPS_Q * WARPS_KV warps. Warp (wq, wk) owns packed rows
+// [wq * 16 * M_TILES, (wq + 1) * 16 * M_TILES) of the tile (M_TILES mma m-tiles, which share every
+// K/V fragment it loads) and tokens [wk * WARP_KV, (wk + 1) * WARP_KV) of each KV tile, with its own
+// online-softmax state in registers. WARPS_KV > 1 is the short-append shape (CTA_Q = 16): the KV
+// tile is split over the warps, as in decode, and their states merge at the end.
+// Every KV tile is loaded by all threads with 16-byte cp.async copies into swizzled shared memory
+// (pages resolved once per row, by one lane, one tile ahead), NSTAGE tiles in flight.
+//
+// Shared memory: Q tile CTA_Q * HEAD_DIM * 2 bytes + NSTAGE * 2 * KV_TILE * HEAD_DIM * 2 bytes of
+// K/V stages; after the main loop the same bytes hold the warps' f32 states for the epilogue.
+//
+// Two matmul backends share everything else (loads, masks, softmax, epilogue, split merge):
+// - mma.sync (sm_80+, the portable path): fragments read from shared memory with ldmatrix.
+// - wgmma (sm_90a, PREFILL_WGMMA = 1): each warpgroup (4 warps, M_TILES = 1) multiplies its 64
+//   rows straight from shared memory (Q and K as descriptors; P from registers times V), with the
+//   tiles in wgmma's 128-byte-swizzled layout (wgmma.cuh). Its accumulators have the mma.sync
+//   C-fragment layout, so the softmax and epilogue code is the same.
+#pragma once
+#include "mma.cuh"
+#include "state.cuh"
+#ifndef PREFILL_WGMMA
+#define PREFILL_WGMMA 0
+#endif
+#if PREFILL_WGMMA
+#include "wgmma.cuh"
+#endif
+
+#ifndef MIN_BLOCKS_PER_SM
+#define MIN_BLOCKS_PER_SM 1
+#endif
+
+constexpr int NUM_WARPS = WARPS_Q * WARPS_KV;
+constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int CTA_Q = WARPS_Q * 16 * M_TILES;
+constexpr int WARP_KV = KV_TILE / WARPS_KV;       // tokens of a KV tile per warp
+constexpr int NT_KV = WARP_KV / 8;                // n-tiles of 8 tokens in a warp's S
+constexpr int CHUNKS = HEAD_DIM / 8;              // 16-byte chunks per row
+constexpr int ROWS_PER_PASS = NUM_THREADS / CHUNKS;
+constexpr int KV_PASSES = (KV_TILE + ROWS_PER_PASS - 1) / ROWS_PER_PASS;  // the last may be partial
+constexpr int Q_PASSES = (CTA_Q + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+constexpr int ST_STRIDE = HEAD_DIM + 8;           // f32 state row stride: float2 stores, no conflicts
+static_assert(sizeof(DTypeKV) == 2 && sizeof(DTypeQ) == 2, "the tensor-core prefill takes 16-bit q and KV");
+static_assert(WARP_KV % 16 == 0, "each warp takes whole 16-token k-steps of P V");
+static_assert(KV_PASSES <= CHUNKS && CHUNKS <= 32, "one lane of a row group resolves each pass");
+#if PREFILL_WGMMA
+static_assert(WARPS_Q % 4 == 0 && M_TILES == 1 && WARPS_KV == 1, "wgmma: whole warpgroups of 64 rows");
+static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma: head_dim 64 or 128");
+static_assert(KV_TILE == 64 || KV_TILE == 128, "wgmma: 64 or 128 keys per tile");
+#endif
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+#if PREFILL_WGMMA
+  return sw128_offset<ROWS>(row, chunk);
+#else
+  return swizzle<HEAD_DIM>(row, chunk);
+#endif
+}
+
+#define MASK_NONE 0
+#define MASK_CAUSAL 1
+#define MASK_CUSTOM 2
+
+// One unit of work, laid out exactly as `PrefillWork` in plan/prefill.rs.
+struct PrefillWork {
+  int request;
+  int q_start;      // row of the request's first query token in q / o
+  int qo_len;
+  int kv_len;       // the request's keys (causal alignment and custom-mask row length)
+  int row_begin;    // first packed row of this tile
+  int kv_begin;     // keys [kv_begin, kv_end) of the request are this item's
+  int kv_end;
+  int kv_offset;    // ragged: row of the request's first key; paged: 0
+  int page_begin;   // paged: index into kv_indices of the request's first page
+  int mask_offset;  // custom mask: first byte of the request's bits
+  int partial;      // partial-state slot, or -1 for the final output
+  int merge_begin;  // split tile: first partial slot and number of pieces
+  int num_pieces;
+  int counter;      // split tile: index of its arrival counter
+};
+
+struct PrefillParams {
+  const DTypeQ* q;              // [nnz_qo, num_qo_heads, HEAD_DIM]
+  const DTypeKV* k;             // ragged [nnz_kv, num_kv_heads, HEAD_DIM] or the page pool (K)
+  const DTypeKV* v;             // same for V
+  const int* kv_indices;        // paged: page ids
+  const unsigned char* mask;    // custom mask bits (little-endian per request, row-major)
+  const PrefillWork* work;      // [num_work]
+  const int* num_work;
+  DTypeO* o;                    // [nnz_qo, num_qo_heads, HEAD_DIM]
+  float* lse;                   // [nnz_qo, num_qo_heads] or null
+  float* partial_o;             // [slots, num_kv_heads, CTA_Q, HEAD_DIM]
+  float* partial_lse;           // [slots, num_kv_heads, CTA_Q] (base 2)
+  int* counters;                // [num_counters, num_kv_heads], zero between runs
+  long long page_stride;        // paged: elements between pages
+  long long token_stride;       // elements between tokens (of a page, or of the ragged tensor)
+  long long head_stride;        // elements between KV heads
+  int page_size;
+  FastDiv page_size_div;
+  int num_qo_heads;
+  int num_kv_heads;
+  float sm_scale_log2;          // softmax scale * log2(e)
+  float lse_out_scale;          // base-2 lse -> caller's base
+};
+
+// Element offset of key `key` (within the request) of head 0, chunk 0.
+__device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const PrefillWork& w, int key) {
+  const u32 abs_tok = (u32)(w.kv_offset + key);
+  if constexpr (PAGED) {
+    const u32 page_idx = p.page_size_div.div(abs_tok);
+    const int page = p.kv_indices[w.page_begin + (int)page_idx];
+    return (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride;
+  } else {
+    return (long long)abs_tok * p.token_stride;
+  }
+}
+
+// Writes the final output (VEC elements of packed row `row`) and, once per row, its LSE.
+template <int VEC>
+__device__ __forceinline__ void write_out(const PrefillParams& p, const PrefillWork& w, int kv_head, int row,
+                                          int d0, const float* o, float lse2) {
+  const int token = row / GROUP, head = kv_head * GROUP + row % GROUP;
+  const long long orow = (long long)(w.q_start + token) * p.num_qo_heads + head;
+  store_vec_f32<DTypeO, VEC>(p.o + orow * HEAD_DIM + d0, o);
+  if (p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+}
+
+// Split KV: the last block of a tile to arrive merges the tile's partial states, in slot order (so
+// the bits do not depend on arrival order), and writes the final output. `smem` holds
+// num_pieces * CTA_Q floats.
+__device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const PrefillWork& w, int kv_head,
+                                                  int valid_rows, float* smem) {
+  __shared__ int is_last;
+  const int tid = threadIdx.x;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    int* counter = p.counters + (long long)w.counter * p.num_kv_heads + kv_head;
+    const int done = atomicAdd(counter, 1) + 1;
+    is_last = done == w.num_pieces;
+    if (is_last) *counter = 0;  // ready for the next run
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int n = w.num_pieces;
+  auto slot_row = [&](int piece, int row) {
+    return ((long long)(w.merge_begin + piece) * p.num_kv_heads + kv_head) * CTA_Q + row;
+  };
+  for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
+  __syncthreads();
+  constexpr int V = 4;
+  for (int item = tid; item < valid_rows * (HEAD_DIM / V); item += NUM_THREADS) {
+    const int row = item / (HEAD_DIM / V), d0 = (item % (HEAD_DIM / V)) * V;
+    float m = NEG_INF;
+    for (int piece = 0; piece < n; ++piece) m = fmaxf(m, smem[piece * CTA_Q + row]);
+    float acc[V] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
+    if (m != NEG_INF) {
+      for (int piece = 0; piece < n; ++piece) {
+        const float wgt = fast_exp2(smem[piece * CTA_Q + row] - m);
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + slot_row(piece, row) * HEAD_DIM + d0));
+        den += wgt;
+        acc[0] += wgt * v.x;
+        acc[1] += wgt * v.y;
+        acc[2] += wgt * v.z;
+        acc[3] += wgt * v.w;
+      }
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] *= inv;
+    write_out<V>(p, w, kv_head, w.row_begin + row, d0, acc, den > 0.f ? m + fast_log2(den) : NEG_INF);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+batch_prefill(const PrefillParams p) {
+  extern __shared__ __align__(1024) unsigned char smem_dyn[];
+  // wgmma's swizzle needs 1024-byte aligned tiles; the host adds 1 KB so this always fits.
+  unsigned char* smem_raw = smem_dyn + ((1024 - ((u32)__cvta_generic_to_shared(smem_dyn) & 1023)) & 1023);
+  DTypeQ* q_smem = reinterpret_cast<DTypeQ*>(smem_raw);
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(q_smem + CTA_Q * HEAD_DIM);
+  DTypeKV* v_smem = k_smem + NSTAGE * KV_TILE * HEAD_DIM;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_q = warp % WARPS_Q, warp_kv = warp / WARPS_Q;
+  // Heads vary fastest over the grid, so the heaviest items (first in the list) of every head
+  // start first.
+  const int item = blockIdx.x / p.num_kv_heads, kv_head = blockIdx.x % p.num_kv_heads;
+  if (item >= *p.num_work) return;  // uniform over the block, before any barrier
+  const PrefillWork w = p.work[item];
+  const int packed_len = w.qo_len * GROUP;
+  const int valid_rows = min(CTA_Q, packed_len - w.row_begin);
+  const int diag = w.kv_len - w.qo_len;  // causal: token i sees keys <= diag + i
+
+  // Keys this block needs: the item's range, cut (causal) at the last row's diagonal.
+  int kv_stop = w.kv_end;
+  if constexpr (MASK_MODE == MASK_CAUSAL) kv_stop = min(kv_stop, diag + (w.row_begin + valid_rows - 1) / GROUP + 1);
+  const int num_tiles = kv_stop > w.kv_begin ? (kv_stop - w.kv_begin + KV_TILE - 1) / KV_TILE : 0;
+
+  // Q tile -> shared memory (rows past the request are zero).
+  const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
+#pragma unroll
+  for (int s = 0; s < Q_PASSES; ++s) {
+    const int r = ld_row + s * ROWS_PER_PASS;
+    const int row = w.row_begin + r;
+    if (r >= CTA_Q) break;  // a partial last pass (uniform per row group)
+    const bool ok = r < valid_rows;
+    const DTypeQ* src = p.q;
+    if (ok) {
+      src += ((long long)(w.q_start + row / GROUP) * p.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM +
+             ld_chunk * 8;
+    }
+    cp_async_16(q_smem + tile_offset<CTA_Q>(r, ld_chunk), src, ok ? 16 : 0);
+  }
+
+  // K/V loader: as in decode_tc.cuh, lane s of each CHUNKS-lane group resolves the row of pass s.
+  const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
+  long long my_off = -1;
+  auto resolve_rows = [&](int tile) {
+    my_off = -1;
+    const int r = ld_row + ld_chunk * ROWS_PER_PASS;
+    const int key = w.kv_begin + tile * KV_TILE + r;
+    if (ld_chunk < KV_PASSES && r < KV_TILE && key < kv_stop) my_off = kv_row_offset(p, w, key);
+  };
+  auto issue_tile = [&](int stage) {
+#pragma unroll
+    for (int s = 0; s < KV_PASSES; ++s) {
+      const long long row_off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
+      const int r = ld_row + s * ROWS_PER_PASS;
+      // Past the tile in a partial last pass: nothing to copy (the shuffle above stays uniform).
+      if (KV_TILE % ROWS_PER_PASS != 0 && r >= KV_TILE) continue;
+      const int so = stage * KV_TILE * HEAD_DIM + tile_offset<KV_TILE>(r, ld_chunk);
+      const bool ok = row_off >= 0;
+      const long long off = ok ? row_off + head_off : 0;
+      cp_async_16(k_smem + so, p.k + off, ok ? 16 : 0);
+      cp_async_16(v_smem + so, p.v + off, ok ? 16 : 0);
+    }
+  };
+  resolve_rows(0);
+#pragma unroll
+  for (int s = 0; s < NSTAGE - 1; ++s) {
+    if (s < num_tiles) {
+      issue_tile(s);
+      resolve_rows(s + 1);
+    }
+    cp_async_commit();  // the first group also carries the Q tile
+  }
+
+  // This thread's query rows: g and g + 8 of each of the warp's m-tiles.
+  const int warp_row0 = warp_q * 16 * M_TILES;
+  int row_token[M_TILES][2];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_token[mt][h] = (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) / GROUP;
+  // Keys below this need no per-element mask for any row of the warp.
+  int unmasked_end = kv_stop;
+  if constexpr (MASK_MODE == MASK_CAUSAL) unmasked_end = min(kv_stop, diag + (w.row_begin + warp_row0) / GROUP + 1);
+
+  float m[M_TILES][2], d[M_TILES][2];
+  float o[M_TILES][HEAD_DIM / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+    m[mt][0] = m[mt][1] = NEG_INF;
+    d[mt][0] = d[mt][1] = 0.f;
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<NSTAGE - 2>();
+#if PREFILL_WGMMA
+    fence_proxy_async();  // our cp.async writes -> visible to the wgmma (async proxy) reads
+#endif
+    __syncthreads();
+    {
+      const int next = tile + NSTAGE - 1;
+      if (next < num_tiles) {
+        issue_tile(next % NSTAGE);
+        resolve_rows(next + 1);
+      }
+      cp_async_commit();
+    }
+    const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
+    if (key0 >= kv_stop) continue;
+    const DTypeKV* ks = k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
+    const DTypeKV* vs = v_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
+    const int srow0 = warp_kv * WARP_KV;  // first stage row of this warp
+
+    // S = Q K^T: M_TILES x NT_KV tiles of 16 x 8.
+    float s[M_TILES][NT_KV][4];
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#if PREFILL_WGMMA
+    {
+      // This warpgroup's 64 rows of Q times the tile's keys, 16 dims per wgmma; the descriptors
+      // step 32 bytes inside a 128-byte swizzle row, then to the next 64-column block.
+      const int wg_row0 = (warp / 4) * 64;
+      wgmma_fence();
+#pragma unroll
+      for (int kd = 0; kd < HEAD_DIM / 16; ++kd) {
+        const u64 da = sw128_desc(q_smem + (kd / 4) * CTA_Q * 64 + wg_row0 * 64 + (kd % 4) * 16, 16, 1024);
+        const u64 db = sw128_desc(ks + (kd / 4) * KV_TILE * 64 + (kd % 4) * 16, 16, 1024);
+        wgmma_ss<DTypeKV, KV_TILE>(s[0], da, db);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+#else
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
+      u32 qa[M_TILES][2][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          ldmatrix_x4(qa[mt][h], q_smem + swizzle<HEAD_DIM>(warp_row0 + mt * 16 + (lane & 15),
+                                                           kk * 4 + h * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j) {
+        u32 kb[4];
+        ldmatrix_x4(kb, ks + swizzle<HEAD_DIM>(srow0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<DTypeKV>(s[mt][j], qa[mt][0], kb[0], kb[1]);
+          mma_16816<DTypeKV>(s[mt][j], qa[mt][1], kb[2], kb[3]);
+        }
+      }
+    }
+#endif
+
+    // Mask: only tiles that cross the end of the keys, the causal diagonal, or carry a custom
+    // mask look at each element. Scores stay unscaled here; the scale (> 0, checked by the host)
+    // is folded into the exponent below, one FFMA per score.
+    const bool full = MASK_MODE != MASK_CUSTOM && key0 + WARP_KV <= unmasked_end;
+    if (!full) {
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+        for (int j = 0; j < NT_KV; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + j * 8 + 2 * t + (e & 1);
+            const int token = row_token[mt][e >> 1];
+            bool visible = key < kv_stop;
+            if constexpr (MASK_MODE == MASK_CAUSAL) visible = visible && key <= diag + token;
+            if constexpr (MASK_MODE == MASK_CUSTOM) {
+              if (visible && token < w.qo_len) {
+                const long long bit = (long long)token * w.kv_len + key;
+                visible = (p.mask[w.mask_offset + (bit >> 3)] >> (bit & 7)) & 1;
+              } else {
+                visible = false;
+              }
+            }
+            if (!visible) s[mt][j][e] = NEG_INF;
+          }
+        }
+      }
+    }
+
+    // Online softmax per row, then P as the A operand of P V.
+    u32 pa[M_TILES][WARP_KV / 16][4];
+    float rescale[M_TILES][2];
+    bool moved = false;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      float m_tile[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[mt][j][e]);
+      float m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 1));
+        m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 2));
+        const float m_new = fmaxf(m[mt][h], m_tile[h] * p.sm_scale_log2);  // m: scaled, base 2
+        m_use[h] = m_new == NEG_INF ? 0.f : m_new;  // keeps exp2 finite while nothing is seen
+        rescale[mt][h] = fast_exp2(m[mt][h] - m_use[h]);
+        moved = moved || rescale[mt][h] != 1.f;
+        m[mt][h] = m_new;
+        d[mt][h] *= rescale[mt][h];
+      }
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][j][e] = fast_exp2(fmaf(s[mt][j][e], p.sm_scale_log2, -m_use[e >> 1]));
+          d[mt][e >> 1] += s[mt][j][e];
+        }
+        pa[mt][j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[mt][j][0], s[mt][j][1]);
+        pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<DTypeKV>(s[mt][j][2], s[mt][j][3]);
+      }
+    }
+    // Rescale O only when some row's max moved (most tiles of a long row leave it); the vote is
+    // uniform over the warp.
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int n = 0; n < HEAD_DIM / 8; ++n) {
+          o[mt][n][0] *= rescale[mt][0];
+          o[mt][n][1] *= rescale[mt][0];
+          o[mt][n][2] *= rescale[mt][1];
+          o[mt][n][3] *= rescale[mt][1];
+        }
+    }
+
+    // O += P V.
+#if PREFILL_WGMMA
+    {
+      // V is MN-major for this product (dims contiguous): 64-dim blocks are KV_TILE * 128 bytes
+      // apart, groups of 8 keys 1024 bytes; each wgmma takes 16 keys.
+      wgmma_fence();
+#pragma unroll
+      for (int kt = 0; kt < KV_TILE / 16; ++kt)
+        wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa[0][kt], sw128_desc(vs + kt * 16 * 64, KV_TILE * 128, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+#else
+#pragma unroll
+    for (int kt = 0; kt < WARP_KV / 16; ++kt) {
+#pragma unroll
+      for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
+        u32 vb[4];
+        const int r = srow0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4_trans(vb, vs + swizzle<HEAD_DIM>(r, dp * 2 + (lane >> 4)));
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<DTypeKV>(o[mt][2 * dp], pa[mt][kt], vb[0], vb[1]);
+          mma_16816<DTypeKV>(o[mt][2 * dp + 1], pa[mt][kt], vb[2], vb[3]);
+        }
+      }
+    }
+#endif
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: every warp's unnormalised state -> shared memory as f32, then each (row, 8 dims)
+  // merges the WARPS_KV states of its row and writes the output or the partial state.
+  float* st_o = reinterpret_cast<float*>(smem_raw);                // [WARPS_KV][CTA_Q][ST_STRIDE]
+  float* st_m = st_o + WARPS_KV * CTA_Q * ST_STRIDE;                // [WARPS_KV][CTA_Q]
+  float* st_d = st_m + WARPS_KV * CTA_Q;                            // [WARPS_KV][CTA_Q]
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float dd = d[mt][h];
+      dd += __shfl_xor_sync(0xffffffffu, dd, 1);
+      dd += __shfl_xor_sync(0xffffffffu, dd, 2);
+      const int row = warp_row0 + mt * 16 + g + 8 * h;
+      if (t == 0) {
+        st_m[warp_kv * CTA_Q + row] = m[mt][h];
+        st_d[warp_kv * CTA_Q + row] = dd;
+      }
+      float* dst = st_o + (warp_kv * CTA_Q + row) * ST_STRIDE + 2 * t;
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n)
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[mt][n][2 * h], o[mt][n][2 * h + 1]);
+    }
+  }
+  __syncthreads();
+
+  constexpr int OUT_VEC = 8;
+  for (int it = tid; it < valid_rows * (HEAD_DIM / OUT_VEC); it += NUM_THREADS) {
+    const int row = it / (HEAD_DIM / OUT_VEC), d0 = (it % (HEAD_DIM / OUT_VEC)) * OUT_VEC;
+    float m_all = NEG_INF;
+#pragma unroll
+    for (int wk = 0; wk < WARPS_KV; ++wk) m_all = fmaxf(m_all, st_m[wk * CTA_Q + row]);
+    float acc[OUT_VEC], den = 0.f;
+#pragma unroll
+    for (int i = 0; i < OUT_VEC; ++i) acc[i] = 0.f;
+    if (m_all != NEG_INF) {
+#pragma unroll
+      for (int wk = 0; wk < WARPS_KV; ++wk) {
+        const float sc = fast_exp2(st_m[wk * CTA_Q + row] - m_all);  // -inf -> 0
+        den += st_d[wk * CTA_Q + row] * sc;
+        const float* src = st_o + (wk * CTA_Q + row) * ST_STRIDE + d0;
+#pragma unroll
+        for (int i = 0; i < OUT_VEC; ++i) acc[i] += src[i] * sc;
+      }
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+    for (int i = 0; i < OUT_VEC; ++i) acc[i] *= inv;
+    const float lse2 = den > 0.f ? m_all + fast_log2(den) : NEG_INF;
+    if (w.partial < 0) {
+      write_out<OUT_VEC>(p, w, kv_head, w.row_begin + row, d0, acc, lse2);
+    } else {
+      const long long prow = ((long long)w.partial * p.num_kv_heads + kv_head) * CTA_Q + row;
+      store_vec_f32<float, OUT_VEC>(p.partial_o + prow * HEAD_DIM + d0, acc);
+      if (d0 == 0) p.partial_lse[prow] = lse2;
+    }
+  }
+  if (w.partial >= 0) {
+    __syncthreads();  // the state area is reused by the merge
+    merge_tile_pieces(p, w, kv_head, valid_rows, reinterpret_cast<float*>(smem_raw));
+  }
+}

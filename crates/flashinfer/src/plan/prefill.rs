@@ -1,0 +1,312 @@
+//! The prefill planner: a pure function of request lengths and the GPU's size.
+//!
+//! A request's `qo_len * group` packed query rows (query token, head of the KV head's group) are cut
+//! into tiles of `cta_q` rows; each tile attends the keys it can see (under a causal mask, up to
+//! its last row's diagonal). When the tiles alone cannot fill the GPU (a few long appends), each
+//! tile's keys are split into chunks whose partial states the kernel merges exactly (the last block
+//! of a tile to finish). Items are ordered longest first so that the grid's tail is short.
+
+/// One unit of prefill work, laid out exactly as `PrefillWork` in kernels/prefill.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillWork {
+    pub request: i32,
+    /// Row of the request's first query token in `q` and `o`.
+    pub q_start: i32,
+    pub qo_len: i32,
+    pub kv_len: i32,
+    /// First packed row of the tile.
+    pub row_begin: i32,
+    /// Keys `[kv_begin, kv_end)` of the request.
+    pub kv_begin: i32,
+    pub kv_end: i32,
+    /// Ragged KV: row of the request's first key; paged: 0.
+    pub kv_offset: i32,
+    /// Paged KV: index into `kv_indices` of the request's first page.
+    pub page_begin: i32,
+    /// Custom mask: byte offset of the request's bits.
+    pub mask_offset: i32,
+    /// Partial-state slot, or -1 when the item writes the final output.
+    pub partial: i32,
+    /// A split tile's first slot and number of pieces.
+    pub merge_begin: i32,
+    pub num_pieces: i32,
+    /// A split tile's arrival counter.
+    pub counter: i32,
+}
+
+/// Where one request's data lives (all offsets already validated by the op).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillRequest {
+    pub qo_len: usize,
+    pub kv_len: usize,
+    pub q_start: usize,
+    pub kv_offset: usize,
+    pub page_begin: usize,
+    pub mask_offset: usize,
+}
+
+/// The shape of the problem the planner needs besides the requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillShape {
+    /// Query heads per KV head (rows packed per query token).
+    pub group: usize,
+    /// Packed rows per tile.
+    pub cta_q: usize,
+    /// Keys per pipeline stage of the kernel (chunks are multiples of it).
+    pub kv_tile: usize,
+    pub causal: bool,
+    /// Blocks per work item (the kernel runs each item for every KV head).
+    pub num_kv_heads: usize,
+    /// Blocks resident on the GPU at once.
+    pub wave: usize,
+    /// Most pieces one tile may be split into (the in-kernel merge keeps their LSEs in shared
+    /// memory).
+    pub max_pieces: usize,
+    pub allow_split: bool,
+}
+
+/// The schedule of one prefill step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefillSchedule {
+    pub work: Vec<PrefillWork>,
+    /// Keys per chunk (`None`: nothing was split).
+    pub kv_chunk: Option<usize>,
+    pub num_partial: usize,
+    pub num_counters: usize,
+}
+
+/// Smallest chunk of keys worth a block of its own.
+pub const MIN_KV_CHUNK: usize = 128;
+
+/// Keys tile `row_begin..row_begin + cta_q` of a request can see.
+pub fn tile_kv_len(r: &PrefillRequest, shape: &PrefillShape, row_begin: usize) -> usize {
+    if !shape.causal {
+        return r.kv_len;
+    }
+    let last_row = (row_begin + shape.cta_q).min(r.qo_len * shape.group) - 1;
+    let last_token = last_row / shape.group;
+    // Query i sees keys j <= kv_len - qo_len + i.
+    (r.kv_len + last_token + 1)
+        .saturating_sub(r.qo_len)
+        .min(r.kv_len)
+}
+
+/// Plans a prefill step.
+pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> PrefillSchedule {
+    // (request, row_begin, keys seen) of every tile.
+    let mut tiles = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        for row_begin in (0..r.qo_len * shape.group).step_by(shape.cta_q.max(1)) {
+            tiles.push((i, row_begin, tile_kv_len(r, shape, row_begin)));
+        }
+    }
+    let items_wanted = (shape.wave / shape.num_kv_heads.max(1)).max(1);
+    let max_kv = tiles.iter().map(|t| t.2).max().unwrap_or(0);
+    let count = |chunk: usize| {
+        tiles
+            .iter()
+            .map(|t| t.2.div_ceil(chunk).max(1))
+            .sum::<usize>()
+    };
+    let mut chunk = None;
+    if shape.allow_split && tiles.len() < items_wanted && max_kv > MIN_KV_CHUNK {
+        // Smallest chunk (a whole number of kernel KV tiles) whose items fit one wave.
+        let align = shape.kv_tile.max(1);
+        let round = |c: usize| c.div_ceil(align) * align;
+        let mut lo = round(MIN_KV_CHUNK.max(max_kv.div_ceil(shape.max_pieces.max(1))));
+        let mut hi = round(max_kv);
+        lo = lo.min(hi);
+        while lo < hi {
+            let mid = round((lo + hi) / 2);
+            let mid = if mid >= hi { lo } else { mid };
+            if count(mid) <= items_wanted {
+                hi = mid;
+            } else {
+                lo = mid + align;
+            }
+        }
+        if hi < max_kv {
+            chunk = Some(hi);
+        }
+    }
+
+    let mut s = PrefillSchedule {
+        kv_chunk: chunk,
+        ..Default::default()
+    };
+    for &(i, row_begin, kv_seen) in &tiles {
+        let r = &requests[i];
+        let c = chunk.unwrap_or(kv_seen.max(1));
+        let pieces = kv_seen.div_ceil(c).max(1);
+        let base = PrefillWork {
+            request: i as i32,
+            q_start: r.q_start as i32,
+            qo_len: r.qo_len as i32,
+            kv_len: r.kv_len as i32,
+            row_begin: row_begin as i32,
+            kv_offset: r.kv_offset as i32,
+            page_begin: r.page_begin as i32,
+            mask_offset: r.mask_offset as i32,
+            partial: -1,
+            merge_begin: s.num_partial as i32,
+            num_pieces: pieces as i32,
+            counter: s.num_counters as i32,
+            ..Default::default()
+        };
+        for k in 0..pieces {
+            let begin = (k * c).min(kv_seen);
+            s.work.push(PrefillWork {
+                kv_begin: begin as i32,
+                kv_end: ((k + 1) * c).min(kv_seen) as i32,
+                partial: if pieces > 1 {
+                    (s.num_partial + k) as i32
+                } else {
+                    -1
+                },
+                ..base
+            });
+        }
+        if pieces > 1 {
+            s.num_partial += pieces;
+            s.num_counters += 1;
+        }
+    }
+    // Longest first: the last blocks to start are the shortest (a stable sort keeps the order of
+    // equal items, so the schedule is a pure function of the lengths).
+    s.work
+        .sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn requests(lens: &[(usize, usize)]) -> Vec<PrefillRequest> {
+        let (mut q, mut k) = (0, 0);
+        lens.iter()
+            .map(|&(qo_len, kv_len)| {
+                let r = PrefillRequest {
+                    qo_len,
+                    kv_len,
+                    q_start: q,
+                    kv_offset: k,
+                    page_begin: 0,
+                    mask_offset: 0,
+                };
+                q += qo_len;
+                k += kv_len;
+                r
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Every (request, packed row, visible key) is covered by exactly one item, split tiles
+        /// own consecutive slots, and each tile's pieces agree on their merge data.
+        #[test]
+        fn covers_every_row_and_key_once(
+            lens in proptest::collection::vec((0usize..700, 0usize..3000), 0..12),
+            group in 1usize..=8,
+            cta_q in prop::sample::select(vec![16usize, 64, 128]),
+            causal in any::<bool>(),
+            heads in 1usize..=8,
+            wave in 1usize..=600,
+            max_pieces in 1usize..=64,
+        ) {
+            let reqs = requests(&lens);
+            let shape = PrefillShape {
+                group, cta_q, kv_tile: 64, causal, num_kv_heads: heads, wave, max_pieces,
+                allow_split: true,
+            };
+            let s = plan_prefill(&reqs, &shape);
+            // keys covered per (request, tile)
+            let mut covered = std::collections::HashMap::<(i32, i32), Vec<(i32, i32)>>::new();
+            let mut slots = vec![0usize; s.num_partial];
+            for w in &s.work {
+                let r = &reqs[w.request as usize];
+                prop_assert_eq!(w.q_start as usize, r.q_start);
+                prop_assert_eq!(w.kv_offset as usize, r.kv_offset);
+                prop_assert!(w.row_begin >= 0 && (w.row_begin as usize) < r.qo_len * group);
+                prop_assert_eq!(w.row_begin as usize % cta_q, 0);
+                prop_assert!(w.kv_begin <= w.kv_end);
+                covered.entry((w.request, w.row_begin)).or_default().push((w.kv_begin, w.kv_end));
+                if w.partial >= 0 {
+                    prop_assert!(w.num_pieces as usize <= max_pieces);
+                    prop_assert!(w.partial >= w.merge_begin && w.partial < w.merge_begin + w.num_pieces);
+                    slots[w.partial as usize] += 1;
+                    prop_assert!((w.counter as usize) < s.num_counters);
+                }
+            }
+            prop_assert!(slots.iter().all(|&n| n == 1));
+            for (i, r) in reqs.iter().enumerate() {
+                for row_begin in (0..r.qo_len * group).step_by(cta_q) {
+                    let mut pieces = covered.remove(&(i as i32, row_begin as i32)).unwrap_or_default();
+                    prop_assert!(!pieces.is_empty(), "tile ({}, {}) has no item", i, row_begin);
+                    pieces.sort();
+                    let mut at = 0;
+                    for (b, e) in pieces {
+                        prop_assert_eq!(b, at);
+                        at = e;
+                    }
+                    prop_assert_eq!(at as usize, tile_kv_len(r, &shape, row_begin));
+                }
+            }
+            prop_assert!(covered.is_empty(), "items for tiles that do not exist");
+        }
+    }
+
+    #[test]
+    fn causal_tiles_stop_at_their_diagonal() {
+        let shape = PrefillShape {
+            group: 4,
+            cta_q: 128,
+            kv_tile: 64,
+            causal: true,
+            num_kv_heads: 8,
+            wave: 264,
+            max_pieces: 64,
+            allow_split: false,
+        };
+        let r = requests(&[(100, 1100)])[0];
+        // Tile 0 holds tokens 0..32: token 31 sees keys 0..=1031.
+        assert_eq!(tile_kv_len(&r, &shape, 0), 1032);
+        assert_eq!(tile_kv_len(&r, &shape, 384), 1100);
+        // More queries than keys: the first tokens see nothing.
+        let r = requests(&[(100, 10)])[0];
+        assert_eq!(tile_kv_len(&r, &shape, 0), 0);
+    }
+
+    #[test]
+    fn a_short_append_over_a_long_cache_is_split() {
+        let shape = PrefillShape {
+            group: 4,
+            cta_q: 16,
+            kv_tile: 64,
+            causal: true,
+            num_kv_heads: 8,
+            wave: 264,
+            max_pieces: 64,
+            allow_split: true,
+        };
+        let s = plan_prefill(&requests(&[(4, 4096)]), &shape);
+        assert!(s.kv_chunk.is_some());
+        assert!(s.work.len() > 1 && s.work.len() <= 33);
+        // A long prompt fills the GPU by itself.
+        let s = plan_prefill(
+            &requests(&[(8192, 8192)]),
+            &PrefillShape {
+                cta_q: 128,
+                ..shape
+            },
+        );
+        assert_eq!(s.kv_chunk, None);
+        assert_eq!(s.work.len(), 8192 * 4 / 128);
+        assert!(s
+            .work
+            .windows(2)
+            .all(|p| p[0].kv_end - p[0].kv_begin >= p[1].kv_end - p[1].kv_begin));
+    }
+}

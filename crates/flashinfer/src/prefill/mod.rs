@@ -1,0 +1,651 @@
+//! Batch prefill and append on ragged or paged KV, on tensor cores.
+//!
+//! `plan()` runs on the host from the request lengths: it picks the query tile from the packed
+//! query length (prefill/tiles.rs), cuts every request into tiles, splits the keys of tiles when a
+//! few long requests cannot fill the GPU, and copies the work list into the workspace in one
+//! transfer. `run()` validates the device tensors and launches one kernel; split tiles are merged
+//! inside it (kernels/prefill.cuh).
+//!
+//! Append (a few new tokens over a long cache: chunked prefill, speculative verification) is the
+//! same op with `qo_len < kv_len` and the causal mask aligned bottom-right.
+
+mod tiles;
+
+pub use crate::plan::prefill::{
+    plan_prefill, PrefillRequest, PrefillSchedule, PrefillShape, PrefillWork, MIN_KV_CHUNK,
+};
+pub(crate) use tiles::specs;
+pub use tiles::{PrefillMask, PrefillTiles, HEAD_DIMS};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, Workspace};
+use crate::decode::fast_div_params;
+use crate::dtype::{DType, Element};
+use crate::error::{ensure, invalid, Result};
+use crate::jit::KernelFunction;
+use crate::layout::{check_len, CustomMask, HeadConfig, PageTable, PagedKvDesc, Ragged};
+use crate::params::AttentionParams;
+
+/// Static configuration of a prefill op (one per model layer shape and mask kind).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefillConfig {
+    pub heads: HeadConfig,
+    pub q_dtype: DType,
+    pub kv_dtype: DType,
+    pub params: AttentionParams,
+    pub mask: PrefillMask,
+    /// Allow split-KV for batches too small to fill the GPU.
+    pub allow_split: bool,
+}
+
+/// Where the keys of a batch live, as `plan()` sees them on the host.
+#[derive(Clone, Copy, Debug)]
+pub enum PrefillKv<'a> {
+    /// Ragged K/V `[nnz_kv, num_kv_heads, head_dim]`, request i owning rows
+    /// `kv_indptr[i]..kv_indptr[i+1]`.
+    Ragged(&'a Ragged),
+    /// A paged cache and its page table.
+    Paged(&'a PageTable),
+}
+
+/// Parameter block of the kernel, laid out exactly as `PrefillParams` in kernels/prefill.cuh.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PrefillParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    kv_indices: u64,
+    mask: u64,
+    work: u64,
+    num_work: u64,
+    o: u64,
+    lse: u64,
+    partial_o: u64,
+    partial_lse: u64,
+    counters: u64,
+    page_stride: i64,
+    token_stride: i64,
+    head_stride: i64,
+    page_size: i32,
+    page_size_div_magic: u32,
+    page_size_div_shift: u32,
+    num_qo_heads: i32,
+    num_kv_heads: i32,
+    sm_scale_log2: f32,
+    lse_out_scale: f32,
+}
+
+/// Byte offsets of a plan's pieces inside the workspace.
+#[derive(Clone, Copy, Debug, Default)]
+struct WorkspaceLayout {
+    num_work: usize,
+    work: usize,
+    counters: usize,
+    partial_o: usize,
+    partial_lse: usize,
+    total: usize,
+}
+
+fn align(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+impl WorkspaceLayout {
+    fn new(s: &PrefillSchedule, tiles: &PrefillTiles, h: HeadConfig) -> Self {
+        let rows = s.num_partial * h.num_kv_heads * tiles.cta_q();
+        let mut l = WorkspaceLayout {
+            num_work: 0,
+            work: 256,
+            ..Default::default()
+        };
+        l.counters = l.work + align(s.work.len() * std::mem::size_of::<PrefillWork>());
+        l.partial_o = l.counters + align(s.num_counters * h.num_kv_heads * 4);
+        l.partial_lse = l.partial_o + align(rows * h.head_dim * 4);
+        l.total = l.partial_lse + align(rows * 4);
+        l
+    }
+}
+
+/// What the last `plan()` fixed, and `run()` checks the tensors against.
+#[derive(Clone, Debug, Default)]
+struct Planned {
+    tiles: Option<PrefillTiles>,
+    paged: bool,
+    nnz_qo: usize,
+    /// Ragged: rows of K/V; paged: entries of `kv_indices`.
+    nnz_kv: usize,
+    page_size: usize,
+    mask_bytes: usize,
+}
+
+/// A planned batch prefill.
+pub struct BatchPrefill {
+    dev: Arc<Device>,
+    cfg: PrefillConfig,
+    kernels: HashMap<PrefillTiles, KernelFunction>,
+    workspace: Workspace,
+    schedule: PrefillSchedule,
+    layout: WorkspaceLayout,
+    planned: Planned,
+    /// Forces a tile shape (benchmarks); `None` lets `plan()` choose.
+    forced_tiles: Option<PrefillTiles>,
+}
+
+impl BatchPrefill {
+    pub fn new(dev: &Arc<Device>, cfg: PrefillConfig) -> Result<Self> {
+        let h = cfg.heads;
+        ensure(HEAD_DIMS.contains(&h.head_dim), "head_dim", || {
+            format!("{} is not one of {HEAD_DIMS:?}", h.head_dim)
+        })?;
+        for (arg, dt) in [("q_dtype", cfg.q_dtype), ("kv_dtype", cfg.kv_dtype)] {
+            ensure(dt != DType::F32, arg, || "prefill takes f16 or bf16".into())?;
+        }
+        ensure(cfg.q_dtype == cfg.kv_dtype, "kv_dtype", || {
+            format!(
+                "{} differs from q_dtype {}; the tensor-core prefill takes one 16-bit type",
+                cfg.kv_dtype, cfg.q_dtype
+            )
+        })?;
+        let scale = cfg.params.scale(h.head_dim);
+        ensure(scale.is_finite() && scale > 0.0, "params", || {
+            format!("sm_scale {scale} must be finite and positive")
+        })?;
+        ensure(h.group_size() <= 64, "num_qo_heads", || {
+            format!("GQA ratio {} is above the supported 64", h.group_size())
+        })?;
+        Ok(Self {
+            dev: dev.clone(),
+            cfg,
+            kernels: HashMap::new(),
+            workspace: Workspace::new(dev.stream(), 1 << 20)?,
+            schedule: PrefillSchedule::default(),
+            layout: WorkspaceLayout::default(),
+            planned: Planned::default(),
+            forced_tiles: None,
+        })
+    }
+
+    /// Uses `tiles` for every later plan (benchmarks compare shapes); they must match the
+    /// configuration.
+    pub fn force_tiles(&mut self, tiles: Option<PrefillTiles>) {
+        self.forced_tiles = tiles;
+    }
+
+    /// The current plan's schedule and kernel shape.
+    pub fn schedule(&self) -> &PrefillSchedule {
+        &self.schedule
+    }
+    pub fn tiles(&self) -> Option<PrefillTiles> {
+        self.planned.tiles
+    }
+    /// Bytes of workspace the current plan needs.
+    pub fn workspace_bytes(&self) -> usize {
+        self.layout.total
+    }
+
+    fn kernel(&mut self, tiles: &PrefillTiles) -> Result<KernelFunction> {
+        if let Some(f) = self.kernels.get(tiles) {
+            return Ok(*f);
+        }
+        let module = self.dev.module(&tiles.spec())?;
+        module.set_max_dynamic_shared_bytes("batch_prefill", tiles.smem_bytes())?;
+        let f = module.kernel("batch_prefill")?;
+        self.kernels.insert(*tiles, f);
+        Ok(f)
+    }
+
+    /// Compiles (or loads) the kernel this op would use for requests of `packed_qo_len` packed
+    /// rows, so the first `plan()` of a serving loop does not pay for it.
+    pub fn warmup(&mut self, paged: bool, packed_qo_len: usize) -> Result<()> {
+        let t = self.choose_tiles(paged, packed_qo_len);
+        self.kernel(&t).map(|_| ())
+    }
+
+    fn choose_tiles(&self, paged: bool, packed_qo_len: usize) -> PrefillTiles {
+        let (c, h) = (&self.cfg, self.cfg.heads);
+        match self.forced_tiles {
+            Some(t) => PrefillTiles { paged, ..t },
+            None => PrefillTiles::choose(
+                h.head_dim,
+                h.group_size(),
+                c.q_dtype,
+                c.kv_dtype,
+                paged,
+                c.mask,
+                packed_qo_len,
+                self.dev.arch(),
+            ),
+        }
+    }
+
+    /// Plans a step: `qo_indptr` over the rows of `q`, `kv` the keys, `mask` the custom masks
+    /// when the op was configured with [`PrefillMask::Custom`] (its host copy: offsets and
+    /// lengths are checked against the batch).
+    pub fn plan(
+        &mut self,
+        qo_indptr: &Ragged,
+        kv: PrefillKv<'_>,
+        mask: Option<&CustomMask>,
+    ) -> Result<()> {
+        let (cfg, h) = (self.cfg, self.cfg.heads);
+        let batch = qo_indptr.batch_size();
+        let (kv_lens, paged, nnz_kv, page_size) = match kv {
+            PrefillKv::Ragged(r) => {
+                ensure(r.batch_size() == batch, "kv_indptr", || {
+                    format!("has {} requests, qo_indptr has {batch}", r.batch_size())
+                })?;
+                (r.lens(), false, r.total(), 0)
+            }
+            PrefillKv::Paged(t) => {
+                ensure(t.batch_size() == batch, "kv_indptr", || {
+                    format!(
+                        "the page table has {} requests, qo_indptr has {batch}",
+                        t.batch_size()
+                    )
+                })?;
+                (t.kv_lens(), true, t.kv_indices().len(), t.page_size())
+            }
+        };
+        for (arg, total) in [("qo_indptr", qo_indptr.total()), ("kv_indptr", nnz_kv)] {
+            ensure(total < i32::MAX as usize / 64, arg, || {
+                format!("{total} rows is too many for one batch")
+            })?;
+        }
+        ensure(
+            kv_lens.iter().all(|&l| l < i32::MAX as usize / 2),
+            "kv_indptr",
+            || "a request is too long".into(),
+        )?;
+        let mask_bytes = match (cfg.mask, mask) {
+            (PrefillMask::Custom, Some(m)) => {
+                ensure(m.batch_size() == batch, "mask", || {
+                    format!("covers {} requests, the batch has {batch}", m.batch_size())
+                })?;
+                for (i, &kv_len) in kv_lens.iter().enumerate() {
+                    ensure(
+                        m.qo_lens()[i] == qo_indptr.len(i) && m.kv_lens()[i] == kv_len,
+                        "mask",
+                        || {
+                            format!(
+                                "request {i} is {} x {}, the batch has qo_len {} x kv_len {}",
+                                m.qo_lens()[i],
+                                m.kv_lens()[i],
+                                qo_indptr.len(i),
+                                kv_len
+                            )
+                        },
+                    )?;
+                }
+                m.bits().len()
+            }
+            (PrefillMask::Custom, None) => {
+                return Err(invalid(
+                    "mask",
+                    "the op was configured for custom masks; pass one",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "mask",
+                    "given, but the op was not configured with PrefillMask::Custom",
+                ))
+            }
+            (_, None) => 0,
+        };
+
+        let packed_avg = (qo_indptr.total() * h.group_size())
+            .checked_div(batch)
+            .unwrap_or(0);
+        let tiles = self.choose_tiles(paged, packed_avg);
+        ensure(
+            tiles.head_dim == h.head_dim
+                && tiles.group == h.group_size()
+                && tiles.q_dtype == cfg.q_dtype
+                && tiles.mask == cfg.mask,
+            "tiles",
+            || format!("{tiles:?} does not match the configuration {cfg:?}"),
+        )?;
+        let requests: Vec<PrefillRequest> = (0..batch)
+            .map(|i| PrefillRequest {
+                qo_len: qo_indptr.len(i),
+                kv_len: kv_lens[i],
+                q_start: qo_indptr.start(i),
+                kv_offset: match kv {
+                    PrefillKv::Ragged(r) => r.start(i),
+                    PrefillKv::Paged(_) => 0,
+                },
+                page_begin: match kv {
+                    PrefillKv::Ragged(_) => 0,
+                    PrefillKv::Paged(t) => t.kv_indptr()[i] as usize,
+                },
+                mask_offset: mask.map_or(0, |m| m.mask_indptr()[i] as usize),
+            })
+            .collect();
+        let info = self.dev.info();
+        let shape = PrefillShape {
+            group: h.group_size(),
+            cta_q: tiles.cta_q(),
+            kv_tile: tiles.kv_tile,
+            causal: cfg.mask == PrefillMask::Causal,
+            num_kv_heads: h.num_kv_heads,
+            wave: info.sm_count * tiles.ctas_per_sm(info.smem_per_sm),
+            max_pieces: tiles.max_pieces(),
+            allow_split: cfg.allow_split,
+        };
+        let s = plan_prefill(&requests, &shape);
+        ensure(
+            s.work.len() * h.num_kv_heads < i32::MAX as usize,
+            "qo_indptr",
+            || "the batch needs more blocks than one launch allows".into(),
+        )?;
+        self.kernel(&tiles)?;
+        let l = WorkspaceLayout::new(&s, &tiles, h);
+        if l.total > self.workspace.bytes() {
+            self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
+        }
+        // One host buffer: the item count, the work list and the zeroed counters, one copy.
+        let mut host = vec![0u8; l.partial_o];
+        host[l.num_work..l.num_work + 4].copy_from_slice(&(s.work.len() as i32).to_ne_bytes());
+        // SAFETY: PrefillWork is repr(C) plain old data.
+        let work_bytes = unsafe {
+            std::slice::from_raw_parts(
+                s.work.as_ptr() as *const u8,
+                s.work.len() * std::mem::size_of::<PrefillWork>(),
+            )
+        };
+        host[l.work..l.work + work_bytes.len()].copy_from_slice(work_bytes);
+        // SAFETY: the workspace holds l.total >= host.len() bytes; the copy is ordered on the
+        // engine's stream before run()'s launch, and a pageable source is staged by the driver
+        // before the call returns.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                self.workspace.ptr(),
+                host.as_ptr() as *const _,
+                host.len(),
+                self.dev.stream().cu_stream(),
+            )
+            .result()?;
+        }
+        self.schedule = s;
+        self.layout = l;
+        self.planned = Planned {
+            tiles: Some(tiles),
+            paged,
+            nnz_qo: qo_indptr.total(),
+            nnz_kv,
+            page_size,
+            mask_bytes,
+        };
+        Ok(())
+    }
+
+    /// Runs a step planned with [`PrefillKv::Ragged`]: `q`, `o` `[nnz_qo, num_qo_heads,
+    /// head_dim]`, `k`, `v` `[nnz_kv, num_kv_heads, head_dim]`, `lse` `[nnz_qo, num_qo_heads]`,
+    /// `mask` the device copy of the custom mask's bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_ragged<T: Element>(
+        &self,
+        q: DevSlice<T>,
+        k: DevSlice<T>,
+        v: DevSlice<T>,
+        o: DevSliceMut<T>,
+        lse: Option<DevSliceMut<f32>>,
+        mask: Option<DevSlice<u8>>,
+    ) -> Result<()> {
+        ensure(!self.planned.paged, "self", || {
+            "planned for paged KV; call run_paged".into()
+        })?;
+        let h = self.cfg.heads;
+        let rows = self.planned.nnz_kv;
+        check_len(
+            "k",
+            k.len(),
+            rows * h.num_kv_heads * h.head_dim,
+            "[nnz_kv, num_kv_heads, head_dim]",
+        )?;
+        check_len(
+            "v",
+            v.len(),
+            rows * h.num_kv_heads * h.head_dim,
+            "[nnz_kv, num_kv_heads, head_dim]",
+        )?;
+        let kv = KvAddressing {
+            k: k.ptr(),
+            v: v.ptr(),
+            kv_indices: 0,
+            page_stride: 0,
+            token_stride: (h.num_kv_heads * h.head_dim) as i64,
+            head_stride: h.head_dim as i64,
+            page_size: (rows.max(1)) as u32,
+        };
+        self.launch(q, kv, o, lse, mask)
+    }
+
+    /// Runs a step planned with [`PrefillKv::Paged`]: `k_cache`/`v_cache` the pool described by
+    /// `kv` (the same slice twice for a combined `[pages, 2, ...]` tensor), `kv_indices` the
+    /// device copy of the table's page ids; the rest as [`BatchPrefill::run_ragged`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_paged<T: Element>(
+        &self,
+        q: DevSlice<T>,
+        k_cache: DevSlice<T>,
+        v_cache: DevSlice<T>,
+        kv: &PagedKvDesc,
+        kv_indices: DevSlice<i32>,
+        o: DevSliceMut<T>,
+        lse: Option<DevSliceMut<f32>>,
+        mask: Option<DevSlice<u8>>,
+    ) -> Result<()> {
+        let h = self.cfg.heads;
+        ensure(self.planned.paged, "self", || {
+            "planned for ragged KV; call run_ragged".into()
+        })?;
+        ensure(kv.page_size == self.planned.page_size, "kv", || {
+            format!(
+                "page_size {} differs from the planned table's {}",
+                kv.page_size, self.planned.page_size
+            )
+        })?;
+        ensure(
+            kv.num_kv_heads == h.num_kv_heads && kv.head_dim == h.head_dim,
+            "kv",
+            || {
+                format!(
+                    "has {} KV heads of dim {}, configured {} of dim {}",
+                    kv.num_kv_heads, kv.head_dim, h.num_kv_heads, h.head_dim
+                )
+            },
+        )?;
+        ensure(kv.page_size <= i32::MAX as usize, "kv", || {
+            format!("page_size {} exceeds i32::MAX", kv.page_size)
+        })?;
+        kv.check_buffers(k_cache.len(), v_cache.len())?;
+        ensure(
+            kv_indices.len() >= self.planned.nnz_kv,
+            "kv_indices",
+            || {
+                format!(
+                    "has {} entries, the plan needs {}",
+                    kv_indices.len(),
+                    self.planned.nnz_kv
+                )
+            },
+        )?;
+        let esz = T::DTYPE.size_bytes() as u64;
+        ensure(
+            (kv.page_stride as u64 * esz).is_multiple_of(16),
+            "kv",
+            || {
+                format!(
+                    "page_stride {} is not a multiple of 16 bytes",
+                    kv.page_stride
+                )
+            },
+        )?;
+        let addressing = KvAddressing {
+            k: k_cache.ptr(),
+            v: v_cache.ptr() + kv.v_offset.unwrap_or(0) as u64 * esz,
+            kv_indices: kv_indices.ptr(),
+            page_stride: kv.page_stride as i64,
+            token_stride: kv.token_stride() as i64,
+            head_stride: kv.head_stride() as i64,
+            page_size: kv.page_size as u32,
+        };
+        self.launch(q, addressing, o, lse, mask)
+    }
+
+    fn launch<T: Element>(
+        &self,
+        q: DevSlice<T>,
+        kv: KvAddressing,
+        o: DevSliceMut<T>,
+        lse: Option<DevSliceMut<f32>>,
+        mask: Option<DevSlice<u8>>,
+    ) -> Result<()> {
+        let (cfg, h) = (&self.cfg, self.cfg.heads);
+        let tiles = self
+            .planned
+            .tiles
+            .ok_or_else(|| invalid("self", "run() called before plan()"))?;
+        ensure(T::DTYPE == cfg.q_dtype, "q", || {
+            format!("is {}, configured {}", T::DTYPE, cfg.q_dtype)
+        })?;
+        let n = self.planned.nnz_qo;
+        check_len(
+            "q",
+            q.len(),
+            n * h.num_qo_heads * h.head_dim,
+            "[nnz_qo, num_qo_heads, head_dim]",
+        )?;
+        check_len(
+            "o",
+            o.len(),
+            n * h.num_qo_heads * h.head_dim,
+            "[nnz_qo, num_qo_heads, head_dim]",
+        )?;
+        if let Some(l) = &lse {
+            check_len("lse", l.len(), n * h.num_qo_heads, "[nnz_qo, num_qo_heads]")?;
+        }
+        let mask_ptr = match (cfg.mask, &mask) {
+            (PrefillMask::Custom, Some(m)) => {
+                ensure(m.len() >= self.planned.mask_bytes, "mask", || {
+                    format!(
+                        "has {} bytes, the planned mask has {}",
+                        m.len(),
+                        self.planned.mask_bytes
+                    )
+                })?;
+                m.ptr()
+            }
+            (PrefillMask::Custom, None) => {
+                return Err(invalid("mask", "the op uses custom masks; pass the bits"))
+            }
+            (_, Some(_)) => return Err(invalid("mask", "given to an op without custom masks")),
+            (_, None) => 0,
+        };
+        for (arg, p) in [("q", q.ptr()), ("o", o.ptr()), ("k", kv.k), ("v", kv.v)] {
+            ensure(p % 16 == 0, arg, || {
+                format!("device pointer {p:#x} is not 16-byte aligned")
+            })?;
+        }
+        self.workspace.check(self.layout.total)?;
+        let num_work = self.schedule.work.len();
+        if num_work == 0 {
+            return Ok(()); // no query rows
+        }
+        let ws = self.workspace.ptr();
+        let div = fast_div_params(kv.page_size);
+        let params = PrefillParams {
+            q: q.ptr(),
+            k: kv.k,
+            v: kv.v,
+            kv_indices: kv.kv_indices,
+            mask: mask_ptr,
+            work: ws + self.layout.work as u64,
+            num_work: ws + self.layout.num_work as u64,
+            o: o.ptr(),
+            lse: lse.as_ref().map_or(0, |l| l.ptr()),
+            partial_o: ws + self.layout.partial_o as u64,
+            partial_lse: ws + self.layout.partial_lse as u64,
+            counters: ws + self.layout.counters as u64,
+            page_stride: kv.page_stride,
+            token_stride: kv.token_stride,
+            head_stride: kv.head_stride,
+            page_size: kv.page_size as i32,
+            page_size_div_magic: div.0,
+            page_size_div_shift: div.1,
+            num_qo_heads: h.num_qo_heads as i32,
+            num_kv_heads: h.num_kv_heads as i32,
+            sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
+            lse_out_scale: cfg.params.lse_base.from_log2(1.0),
+        };
+        let f = self
+            .kernels
+            .get(&tiles)
+            .ok_or_else(|| invalid("self", "the planned kernel is not loaded"))?;
+        let launch_cfg = LaunchConfig {
+            grid: ((num_work * h.num_kv_heads) as u32, 1, 1),
+            block: (tiles.threads() as u32, 1, 1),
+            smem_bytes: tiles.smem_bytes() as u32,
+        };
+        let mut args = crate::kernel_args![&params];
+        // SAFETY: params matches PrefillParams in prefill.cuh; q/o/lse/k/v/kv_indices/mask were
+        // checked above against the planned shapes, the work list in the workspace was written by
+        // plan() for them, and the workspace holds the plan's partial states (checked).
+        unsafe { launch(f.raw(), launch_cfg, self.dev.stream(), &mut args)? };
+        Ok(())
+    }
+}
+
+/// How the kernel reaches keys: base pointers and strides in elements.
+#[derive(Clone, Copy, Debug)]
+struct KvAddressing {
+    k: u64,
+    v: u64,
+    kv_indices: u64,
+    page_stride: i64,
+    token_stride: i64,
+    head_stride: i64,
+    page_size: u32,
+}
+
+/// Prefill of one request over contiguous K/V `[kv_len, num_kv_heads, head_dim]`: the ragged op
+/// with a batch of one.
+pub struct SinglePrefill {
+    inner: BatchPrefill,
+}
+
+impl SinglePrefill {
+    pub fn new(dev: &Arc<Device>, cfg: PrefillConfig) -> Result<Self> {
+        Ok(Self {
+            inner: BatchPrefill::new(dev, cfg)?,
+        })
+    }
+
+    /// `q`, `o`: `[qo_len, num_qo_heads, head_dim]`; `k`, `v`: `[kv_len, num_kv_heads,
+    /// head_dim]`; `lse`: `[qo_len, num_qo_heads]`; `mask` as for [`BatchPrefill::plan`] and its
+    /// device bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<T: Element>(
+        &mut self,
+        q: DevSlice<T>,
+        k: DevSlice<T>,
+        v: DevSlice<T>,
+        qo_len: usize,
+        kv_len: usize,
+        o: DevSliceMut<T>,
+        lse: Option<DevSliceMut<f32>>,
+        mask: Option<(&CustomMask, DevSlice<u8>)>,
+    ) -> Result<()> {
+        let qo = Ragged::from_lens(&[qo_len]);
+        let kv = Ragged::from_lens(&[kv_len]);
+        self.inner
+            .plan(&qo, PrefillKv::Ragged(&kv), mask.map(|m| m.0))?;
+        self.inner.run_ragged(q, k, v, o, lse, mask.map(|m| m.1))
+    }
+}

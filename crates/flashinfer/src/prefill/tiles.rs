@@ -1,0 +1,351 @@
+//! Where the prefill kernel's tile sizes are chosen, and its source generated.
+//!
+//! The kernel (kernels/prefill.cuh) runs WARPS_Q x WARPS_KV warps over a tile of CTA_Q packed query
+//! rows (query token x head of the GQA group) and streams KV_TILE keys per pipeline stage. The
+//! query tile follows the packed query length, as in the paper (section 3.2.2):
+//!
+//! | packed rows per request | CTA_Q | warps (q x kv) | rows per warp | why |
+//! |---|---|---|---|---|
+//! | > 64 (prompts) | 128 (64 at head_dim 256) | 4 x 1 | 32 (2 mma tiles) | each K/V fragment feeds two mma tiles; registers allow it up to head_dim 128 |
+//! | 17..=64 | 64 | 4 x 1 | 16 | less padding for mid-size appends |
+//! | <= 16 (short appends, speculative verification) | 16 | 1 x 4 | 16 | one tile of rows; the four warps split the keys, as in decode |
+//!
+//! Keys per stage: 64 (32 for the 64-row tile at head_dim 256, to keep two stages in 96 KB).
+//! Two stages of K and V plus the Q tile: 96 KB at CTA_Q 128 / head_dim 128, so two blocks share
+//! an SM.
+//!
+//! On Hopper (sm_90a), prompts at head_dim 64 and 128 take the wgmma backend instead: three
+//! warpgroups of 64 rows (CTA_Q 192, 384 threads, one block per SM with up to 168 registers per
+//! thread), 64 keys per stage. The measurements behind these choices are in docs/perf-notes.md.
+
+use crate::dtype::DType;
+use crate::jit::{Arch, KernelSpec};
+
+/// How keys are masked; part of the kernel specialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum PrefillMask {
+    #[default]
+    None,
+    /// Bottom-right aligned causal mask.
+    Causal,
+    /// Per-request bit-packed masks.
+    Custom,
+}
+
+impl PrefillMask {
+    fn code(self) -> u32 {
+        match self {
+            PrefillMask::None => 0,
+            PrefillMask::Causal => 1,
+            PrefillMask::Custom => 2,
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            PrefillMask::None => "nomask",
+            PrefillMask::Causal => "causal",
+            PrefillMask::Custom => "custom",
+        }
+    }
+}
+
+/// Template parameters of one prefill specialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefillTiles {
+    pub head_dim: usize,
+    pub group: usize,
+    pub q_dtype: DType,
+    pub kv_dtype: DType,
+    pub paged: bool,
+    pub mask: PrefillMask,
+    pub warps_q: usize,
+    pub warps_kv: usize,
+    /// 16-row mma tiles per warp.
+    pub m_tiles: usize,
+    /// Keys per pipeline stage.
+    pub kv_tile: usize,
+    pub nstage: usize,
+    /// Matmuls on Hopper's wgmma (warpgroups of 64 rows) instead of mma.sync.
+    pub wgmma: bool,
+}
+
+/// Head dims the prefill kernel is built for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Warpgroups per block of the wgmma backend.
+pub const WGMMA_WARPGROUPS: usize = 3;
+
+impl PrefillTiles {
+    /// The specialisation for requests of `packed_qo_len` packed rows on average (`qo_len x group`)
+    /// on a GPU of architecture `arch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose(
+        head_dim: usize,
+        group: usize,
+        q_dtype: DType,
+        kv_dtype: DType,
+        paged: bool,
+        mask: PrefillMask,
+        packed_qo_len: usize,
+        arch: Arch,
+    ) -> Self {
+        if arch >= Arch::SM90 && packed_qo_len > 64 && (head_dim == 64 || head_dim == 128) {
+            return Self::wgmma(head_dim, group, q_dtype, paged, mask, WGMMA_WARPGROUPS, 64);
+        }
+        Self::mma_sync(
+            head_dim,
+            group,
+            q_dtype,
+            kv_dtype,
+            paged,
+            mask,
+            packed_qo_len,
+        )
+    }
+
+    /// The Hopper backend: `warpgroups` x 64 rows per tile, `kv_tile` keys per stage.
+    pub fn wgmma(
+        head_dim: usize,
+        group: usize,
+        dtype: DType,
+        paged: bool,
+        mask: PrefillMask,
+        warpgroups: usize,
+        kv_tile: usize,
+    ) -> Self {
+        Self {
+            head_dim,
+            group,
+            q_dtype: dtype,
+            kv_dtype: dtype,
+            paged,
+            mask,
+            warps_q: 4 * warpgroups,
+            warps_kv: 1,
+            m_tiles: 1,
+            kv_tile,
+            nstage: 2,
+            wgmma: true,
+        }
+    }
+
+    /// The portable backend (mma.sync, sm_80 and newer), its query tile from the packed length.
+    pub fn mma_sync(
+        head_dim: usize,
+        group: usize,
+        q_dtype: DType,
+        kv_dtype: DType,
+        paged: bool,
+        mask: PrefillMask,
+        packed_qo_len: usize,
+    ) -> Self {
+        let (warps_q, warps_kv, m_tiles, kv_tile) = if packed_qo_len > 64 {
+            if head_dim <= 128 {
+                (4, 1, 2, 64)
+            } else {
+                (4, 1, 1, 32)
+            }
+        } else if packed_qo_len > 16 {
+            (4, 1, 1, if head_dim <= 128 { 64 } else { 32 })
+        } else {
+            (1, 4, 1, 64)
+        };
+        Self {
+            head_dim,
+            group,
+            q_dtype,
+            kv_dtype,
+            paged,
+            mask,
+            warps_q,
+            warps_kv,
+            m_tiles,
+            kv_tile,
+            nstage: 2,
+            wgmma: false,
+        }
+    }
+
+    /// Packed query rows per tile.
+    pub fn cta_q(&self) -> usize {
+        self.warps_q * 16 * self.m_tiles
+    }
+    pub fn threads(&self) -> usize {
+        32 * self.warps_q * self.warps_kv
+    }
+
+    /// Dynamic shared memory: Q tile and K/V stages, or the epilogue's f32 states if larger,
+    /// plus 1 KB that the kernel may skip to align its tiles to 1024 bytes.
+    pub fn smem_bytes(&self) -> usize {
+        self.smem_used() + 1024
+    }
+
+    /// The bytes the kernel uses after aligning its base.
+    fn smem_used(&self) -> usize {
+        let e = self.kv_dtype.size_bytes();
+        let main =
+            self.cta_q() * self.head_dim * e + self.nstage * 2 * self.kv_tile * self.head_dim * e;
+        let epilogue = self.warps_kv * self.cta_q() * ((self.head_dim + 8) + 2) * 4;
+        main.max(epilogue)
+    }
+
+    /// Registers per thread the block is compiled for: the mma.sync tiles use up to 255 (two
+    /// 128-thread blocks per SM), the wgmma block is one per SM (65536 / 384 = 170, rounded down
+    /// to ptxas's multiple of 8).
+    fn regs_per_thread(&self) -> usize {
+        if self.wgmma {
+            168
+        } else {
+            255
+        }
+    }
+
+    /// Blocks of this kind one SM holds (shared memory, threads and registers; 1 KB reserved per
+    /// block by the driver).
+    pub fn ctas_per_sm(&self, smem_per_sm: usize) -> usize {
+        let by_smem = smem_per_sm / (self.smem_bytes() + 1024);
+        let by_threads = 2048 / self.threads();
+        let by_regs = 65536 / (self.threads() * self.regs_per_thread().div_ceil(8) * 8);
+        by_smem.min(by_threads).min(by_regs).max(1)
+    }
+
+    /// Split pieces one tile can merge: their LSEs live in the block's shared memory.
+    pub fn max_pieces(&self) -> usize {
+        self.smem_used() / (4 * self.cta_q())
+    }
+
+    /// Readable key naming every template parameter.
+    pub fn name(&self) -> String {
+        format!(
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}",
+            if self.wgmma { "_sm90" } else { "" },
+            if self.paged { "paged" } else { "ragged" },
+            self.mask.key(),
+            self.q_dtype,
+            self.kv_dtype,
+            self.head_dim,
+            self.group,
+            self.warps_q,
+            self.warps_kv,
+            self.m_tiles,
+            self.kv_tile,
+            self.nstage
+        )
+    }
+
+    pub fn spec(&self) -> KernelSpec {
+        let source = format!(
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+             using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
+             constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
+             constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
+             constexpr int MASK_MODE = {mask};\n#define MIN_BLOCKS_PER_SM {mb}\n#include \"prefill.cuh\"\n",
+            q = self.q_dtype.cuda_type(),
+            kv = self.kv_dtype.cuda_type(),
+            d = self.head_dim,
+            g = self.group,
+            wq = self.warps_q,
+            wkv = self.warps_kv,
+            m = self.m_tiles,
+            kt = self.kv_tile,
+            s = self.nstage,
+            paged = self.paged,
+            mask = self.mask.code(),
+            mb = self.ctas_per_sm(228 * 1024),
+            wg = u32::from(self.wgmma),
+        );
+        let spec = KernelSpec::new(self.name(), source, ["batch_prefill"]);
+        if self.wgmma {
+            spec.requires(Arch::SM90)
+        } else {
+            spec
+        }
+    }
+}
+
+/// Every prefill specialisation the compile-only tier checks: both dtypes, the three head dims,
+/// the three tile shapes, paged and ragged, every mask, at common and odd GQA ratios.
+pub(crate) fn specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for dt in [DType::F16, DType::BF16] {
+        for d in HEAD_DIMS {
+            for (g, paged, mask) in [
+                (1, false, PrefillMask::Causal),
+                (4, true, PrefillMask::Causal),
+                (7, false, PrefillMask::None),
+                (4, true, PrefillMask::Custom),
+            ] {
+                for packed in [8, 64, 1024] {
+                    v.push(PrefillTiles::mma_sync(d, g, dt, dt, paged, mask, packed).spec());
+                }
+                if d <= 128 {
+                    v.push(
+                        PrefillTiles::choose(d, g, dt, dt, paged, mask, 1024, Arch::SM90).spec(),
+                    );
+                }
+            }
+        }
+    }
+    // Different packed lengths can choose the same tiles: one spec per name.
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.dedup_by(|a, b| a.name == b.name);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_hopper() {
+        for d in HEAD_DIMS {
+            for packed in [1, 16, 17, 64, 65, 100_000] {
+                for arch in [Arch::SM80, Arch::SM90] {
+                    let t = PrefillTiles::choose(
+                        d,
+                        4,
+                        DType::BF16,
+                        DType::BF16,
+                        true,
+                        PrefillMask::Causal,
+                        packed,
+                        arch,
+                    );
+                    assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
+                    assert_eq!(t.kv_tile % (16 * t.warps_kv), 0);
+                    let rows_per_pass = t.threads() / (d / 8);
+                    assert!(t.kv_tile.div_ceil(rows_per_pass) <= d / 8, "{t:?}");
+                    assert!(t.max_pieces() >= 16);
+                    assert!(t.ctas_per_sm(228 * 1024) >= 1);
+                    assert_eq!(t.wgmma, arch == Arch::SM90 && packed > 64 && d <= 128);
+                }
+            }
+        }
+        let t = PrefillTiles::choose(
+            128,
+            4,
+            DType::BF16,
+            DType::BF16,
+            false,
+            PrefillMask::Causal,
+            8192 * 4,
+            Arch::SM80,
+        );
+        assert_eq!((t.cta_q(), t.kv_tile, t.smem_bytes()), (128, 64, 97 * 1024));
+        assert_eq!(t.ctas_per_sm(228 * 1024), 2);
+        let t = PrefillTiles::choose(
+            128,
+            4,
+            DType::BF16,
+            DType::BF16,
+            false,
+            PrefillMask::Causal,
+            8192 * 4,
+            Arch::SM90,
+        );
+        assert_eq!(
+            (t.cta_q(), t.threads(), t.ctas_per_sm(228 * 1024)),
+            (192, 384, 1)
+        );
+    }
+}
