@@ -590,3 +590,33 @@ fn gpu_prefill_rejects_bad_input_before_launch() {
     // Nothing was launched: the output is still poisoned.
     assert!(download(&dev, &o).iter().all(|x| x.to_f32().is_nan()));
 }
+
+/// Small cases that still reach every kernel shape (wgmma and the three mma.sync tiles, paged
+/// and ragged, split merge, custom mask, head_dim 256), sized so that compute-sanitizer's
+/// racecheck finishes in a minute: `bash .gpu/run sanitize prefill_sanitizer`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_sanitizer_cases() {
+    let mut rng = Rng::fresh("prefill_sanitizer");
+    run_case::<half::bf16>(
+        &case(
+            vec![100, 0, 30],
+            vec![100, 5, 130],
+            0,
+            (8, 2),
+            128,
+            Mask::Causal,
+        ),
+        &mut rng,
+    );
+    let mut c = case(vec![3], vec![700], 5, (8, 2), 64, Mask::Causal);
+    c.expect_split = Some(true);
+    run_case::<half::f16>(&c, &mut rng);
+    run_case::<half::f16>(
+        &case(vec![20, 5], vec![40, 90], 0, (4, 4), 64, Mask::CustomRandom),
+        &mut rng,
+    );
+    let mut c = case(vec![70], vec![70], 16, (2, 1), 256, Mask::None);
+    c.layout = KvLayout::Hnd;
+    run_case::<half::bf16>(&c, &mut rng);
+}
