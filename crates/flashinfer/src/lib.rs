@@ -6,12 +6,16 @@
 //! - [`jit`]: NVRTC discovery, compilation to CUBIN, the on-disk cache, loaded modules.
 //! - [`merge`]: the attention-state merge operators on the GPU.
 //! - [`decode`]: batch decode on a paged KV cache (plan/run, split-KV).
+//! - [`cascade`]: multi-level shared-prefix attention, each level attended once and merged.
+//! - [`block_sparse`]: attention over a block-sparse (BSR) pattern, served by the paged prefill kernel.
 //! - [`prefill`]: batch prefill and append on ragged or paged KV (plan/run, split-KV).
 //! - [`page`]: appending new tokens' K and V to a paged KV cache (plan/run).
 //! - [`plan`]: the schedulers behind each op's `plan()`, pure functions of request lengths.
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
 
+pub mod block_sparse;
+pub mod cascade;
 pub mod cuda;
 pub mod decode;
 pub mod dtype;

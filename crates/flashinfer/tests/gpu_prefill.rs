@@ -218,7 +218,19 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
         }
         let tiles = op.tiles().unwrap();
         if vi == 0 && tiles.wgmma {
-            // Hopper chose wgmma: the portable mma.sync tiles must pass the same case.
+            // Hopper chose wgmma: the other wgmma block shapes and the portable mma.sync tiles
+            // must pass the same case.
+            for wg in (1..=3).filter(|&wg| 4 * wg != tiles.warps_q) {
+                variants.push(Some(PrefillTiles::wgmma(
+                    c.head_dim,
+                    heads.group_size(),
+                    T::DTYPE,
+                    tiles.paged,
+                    kind,
+                    wg,
+                    64,
+                )));
+            }
             let big = 1 << 20;
             variants.push(Some(PrefillTiles::mma_sync(
                 c.head_dim,

@@ -2,6 +2,7 @@
 //! is timed. Timing: CUDA events around each run, the L2 flushed before each (a 256 MB write),
 //! median of at least 30 runs after warm-up (DESIGN.md, "Performance method").
 
+mod cascade;
 mod decode;
 mod jit;
 mod npy;
@@ -10,6 +11,7 @@ mod timing;
 
 use clap::Subcommand;
 
+pub use cascade::CascadeArgs;
 pub use decode::DecodeArgs;
 pub use jit::JitArgs;
 pub use prefill::PrefillArgs;
@@ -20,6 +22,8 @@ pub enum BenchCmd {
     Decode(DecodeArgs),
     /// Batch prefill / append on ragged or paged KV.
     Prefill(PrefillArgs),
+    /// A shared prefix as one level and as a cascade (prefix read once, merged).
+    Cascade(CascadeArgs),
     /// Cold NVRTC compile and cached load times of the shipped kernels.
     Jit(JitArgs),
 }
@@ -28,6 +32,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::Decode(a) => decode::run(a),
         BenchCmd::Prefill(a) => prefill::run(a),
+        BenchCmd::Cascade(a) => cascade::run(a),
         BenchCmd::Jit(a) => jit::run(a),
     }
 }

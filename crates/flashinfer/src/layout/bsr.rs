@@ -84,6 +84,34 @@ impl Bsr {
         &self.indices[self.indptr[i] as usize..self.indptr[i + 1] as usize]
     }
 
+    /// The dense boolean pattern with optional per-block masks (`[nnz, R, C]`, this BSR's order),
+    /// row-major `[num_rows, num_cols]`: the mask block-sparse attention is defined by.
+    pub fn dense_mask(&self, block_mask: Option<&[bool]>) -> Result<Vec<bool>> {
+        let (r, c) = (self.block_rows, self.block_cols);
+        if let Some(bm) = block_mask {
+            ensure(bm.len() == self.indices.len() * r * c, "block_mask", || {
+                format!(
+                    "has {} entries, expected nnz {} x R {r} x C {c}",
+                    bm.len(),
+                    self.indices.len()
+                )
+            })?;
+        }
+        let mut m = vec![false; self.num_rows * self.num_cols];
+        for i in 0..self.num_block_rows() {
+            for k in self.indptr[i] as usize..self.indptr[i + 1] as usize {
+                let j = self.indices[k] as usize;
+                for row in i * r..((i + 1) * r).min(self.num_rows) {
+                    for col in j * c..((j + 1) * c).min(self.num_cols) {
+                        let local = ((k * r) + row - i * r) * c + col - j * c;
+                        m[row * self.num_cols + col] = block_mask.is_none_or(|bm| bm[local]);
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
     /// The dense boolean pattern, row-major `[num_rows, num_cols]` (for tests and the reference).
     pub fn to_dense(&self) -> Vec<bool> {
         let mut m = vec![false; self.num_rows * self.num_cols];
@@ -97,5 +125,90 @@ impl Bsr {
             }
         }
         m
+    }
+}
+
+/// A BSR pattern as a paged prefill: block row `i` is a "request" whose queries are its `R` rows
+/// and whose KV pages are its column blocks (the key tensor viewed as pages of `C` tokens), in
+/// ascending order. See [`Bsr::as_paged`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BsrAsPaged {
+    pub qo_indptr: super::Ragged,
+    pub table: super::PageTable,
+    /// `order[k]` is the position in [`Bsr::indices`] of the `k`-th page of the table (block
+    /// masks given in the BSR's order are permuted with it).
+    pub order: Vec<usize>,
+}
+
+impl Bsr {
+    /// The paged-prefill view of this pattern. Needs `num_cols` to be a multiple of `block_cols`
+    /// (the key tensor is then exactly `num_cols / block_cols` pages); the last row block may be
+    /// partial.
+    pub fn as_paged(&self) -> Result<BsrAsPaged> {
+        let (r, c) = (self.block_rows, self.block_cols);
+        ensure(self.num_cols.is_multiple_of(c), "num_cols", || {
+            format!(
+                "{} is not a multiple of block_cols = {c} (the keys are viewed as pages of {c})",
+                self.num_cols
+            )
+        })?;
+        let mb = self.num_block_rows();
+        let lens: Vec<usize> = (0..mb).map(|i| r.min(self.num_rows - i * r)).collect();
+        let mut order = Vec::with_capacity(self.indices.len());
+        let mut pages = Vec::with_capacity(self.indices.len());
+        let mut last = Vec::with_capacity(mb);
+        for i in 0..mb {
+            let begin = self.indptr[i] as usize;
+            let mut row: Vec<usize> = (begin..self.indptr[i + 1] as usize).collect();
+            row.sort_by_key(|&k| self.indices[k]);
+            pages.extend(row.iter().map(|&k| self.indices[k]));
+            last.push(if row.is_empty() { 0 } else { c as i32 });
+            order.extend(row);
+        }
+        let table = super::PageTable::new(&self.indptr, &pages, &last, c, self.num_cols / c)?;
+        Ok(BsrAsPaged {
+            qo_indptr: super::Ragged::from_lens(&lens),
+            table,
+            order,
+        })
+    }
+
+    /// Packs per-block masks (`[nnz, R, C]` in this BSR's order, `true` = visible) into the
+    /// per-request custom mask of [`Bsr::as_paged`]'s batch.
+    pub fn block_mask_as_custom(
+        &self,
+        paged: &BsrAsPaged,
+        block_mask: &[bool],
+    ) -> Result<super::CustomMask> {
+        let (r, c) = (self.block_rows, self.block_cols);
+        ensure(
+            block_mask.len() == self.indices.len() * r * c,
+            "block_mask",
+            || {
+                format!(
+                    "has {} entries, expected nnz {} x R {r} x C {c}",
+                    block_mask.len(),
+                    self.indices.len()
+                )
+            },
+        )?;
+        let batch = paged.qo_indptr.batch_size();
+        let qo_lens = paged.qo_indptr.lens();
+        let kv_lens = paged.table.kv_lens();
+        let mut masks = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let (q, kv) = (qo_lens[i], kv_lens[i]);
+            let mut m = vec![false; q * kv];
+            let first = paged.table.kv_indptr()[i] as usize;
+            for (k, &entry) in paged.order[first..first + kv / c].iter().enumerate() {
+                for row in 0..q {
+                    for col in 0..c {
+                        m[row * kv + k * c + col] = block_mask[(entry * r + row) * c + col];
+                    }
+                }
+            }
+            masks.push(m);
+        }
+        super::CustomMask::pack(&masks, &qo_lens, &kv_lens)
     }
 }

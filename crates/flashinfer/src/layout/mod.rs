@@ -13,7 +13,7 @@ mod paged;
 mod ragged;
 
 pub use append::append_offsets;
-pub use bsr::Bsr;
+pub use bsr::{Bsr, BsrAsPaged};
 pub use heads::HeadConfig;
 pub use mask::CustomMask;
 pub use paged::{KvLayout, PageTable, PagedKv, PagedKvDesc};

@@ -14,9 +14,11 @@
 //! Two stages of K and V plus the Q tile: 96 KB at CTA_Q 128 / head_dim 128, so two blocks share
 //! an SM.
 //!
-//! On Hopper (sm_90a), prompts at head_dim 64 and 128 take the wgmma backend instead: three
-//! warpgroups of 64 rows (CTA_Q 192, 384 threads, one block per SM with up to 168 registers per
-//! thread), 64 keys per stage. The measurements behind these choices are in docs/perf-notes.md.
+//! On Hopper (sm_90a), more than 16 packed rows at head_dim 64 and 128 take the wgmma backend
+//! instead: blocks of one, two or three warpgroups of 64 rows ([`wgmma_warpgroups`]: the least
+//! padded time; prompts take three: CTA_Q 192, 384 threads, one block per SM with up to 168
+//! registers per thread), 64 keys per stage. The measurements behind these choices are in
+//! docs/perf-notes.md.
 
 use crate::dtype::DType;
 use crate::jit::{Arch, KernelSpec};
@@ -72,8 +74,25 @@ pub struct PrefillTiles {
 /// Head dims the prefill kernel is built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// Warpgroups per block of the wgmma backend.
-pub const WGMMA_WARPGROUPS: usize = 3;
+/// Throughput of the wgmma block shapes per useful row, relative to three warpgroups, measured on
+/// the H200 at causal 1 x 8192 (docs/benchmarks.md): one warpgroup per block (two blocks per SM)
+/// 390.0 TFLOP/s, two warpgroups 365.9, three 414.8.
+const WGMMA_EFFICIENCY: [(usize, f64); 3] = [(1, 390.0 / 414.8), (2, 365.9 / 414.8), (3, 1.0)];
+
+/// Warpgroups (64 rows each) per block for requests of `packed_qo_len` rows: the shape with the
+/// least time per request, counting the padding of its last tile. Prompts take three; a group of
+/// 64 decode queries sharing a prefix (256 rows at GQA 4) takes one (four full tiles beat two
+/// tiles of 192 with a third of them empty).
+pub fn wgmma_warpgroups(packed_qo_len: usize) -> usize {
+    let cost = |&(wg, eff): &(usize, f64)| {
+        let rows = packed_qo_len.div_ceil(64 * wg) * 64 * wg;
+        rows as f64 / eff
+    };
+    WGMMA_EFFICIENCY
+        .iter()
+        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .map_or(3, |&(wg, _)| wg)
+}
 
 impl PrefillTiles {
     /// The specialisation for requests of `packed_qo_len` packed rows on average (`qo_len x group`)
@@ -89,8 +108,9 @@ impl PrefillTiles {
         packed_qo_len: usize,
         arch: Arch,
     ) -> Self {
-        if arch >= Arch::SM90 && packed_qo_len > 64 && (head_dim == 64 || head_dim == 128) {
-            return Self::wgmma(head_dim, group, q_dtype, paged, mask, WGMMA_WARPGROUPS, 64);
+        if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
+            let wg = wgmma_warpgroups(packed_qo_len);
+            return Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, 64);
         }
         Self::mma_sync(
             head_dim,
@@ -279,9 +299,9 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     v.push(PrefillTiles::mma_sync(d, g, dt, dt, paged, mask, packed).spec());
                 }
                 if d <= 128 {
-                    v.push(
-                        PrefillTiles::choose(d, g, dt, dt, paged, mask, 1024, Arch::SM90).spec(),
-                    );
+                    for wg in 1..=3 {
+                        v.push(PrefillTiles::wgmma(d, g, dt, paged, mask, wg, 64).spec());
+                    }
                 }
             }
         }
@@ -317,7 +337,7 @@ mod tests {
                     assert!(t.kv_tile.div_ceil(rows_per_pass) <= d / 8, "{t:?}");
                     assert!(t.max_pieces() >= 16);
                     assert!(t.ctas_per_sm(228 * 1024) >= 1);
-                    assert_eq!(t.wgmma, arch == Arch::SM90 && packed > 64 && d <= 128);
+                    assert_eq!(t.wgmma, arch == Arch::SM90 && packed > 16 && d <= 128);
                 }
             }
         }
@@ -347,5 +367,10 @@ mod tests {
             (t.cta_q(), t.threads(), t.ctas_per_sm(228 * 1024)),
             (192, 384, 1)
         );
+        // Shared-prefix groups of decode queries: whole tiles of 64 rows.
+        assert_eq!(wgmma_warpgroups(256), 1);
+        assert_eq!(wgmma_warpgroups(64), 1);
+        assert_eq!(wgmma_warpgroups(8192 * 4), 3);
+        assert_eq!(wgmma_warpgroups(4096), 3);
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod append;
 mod attend;
+pub mod cascade;
 mod check;
 pub mod decode;
 mod gather;
@@ -28,6 +29,7 @@ pub mod merge;
 pub mod prefill;
 
 pub use append::{append_paged_kv_cache, append_paged_kv_cache_combined};
+pub use cascade::{block_sparse, block_sparse_dense, cascade};
 pub use decode::{batch_decode, single_decode};
 pub use merge::{merge_state, merge_state_in_place, merge_states, merge_states_varlen};
 pub use prefill::{batch_prefill_paged, batch_prefill_ragged, single_prefill};

@@ -1,6 +1,8 @@
 //! Shared helpers of the GPU tests: the device, fresh random inputs, poisoned outputs, transfers.
 #![allow(dead_code)]
 
+pub mod batches;
+
 use std::sync::Arc;
 
 use flashinfer::cuda::{CudaSlice, Device};
