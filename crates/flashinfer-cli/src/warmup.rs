@@ -61,11 +61,16 @@ impl Preset {
     }
 
     /// Whether `name` is a kernel this model needs: the bf16 decode kernel of its head_dim and
-    /// GQA group, and the merge kernels writing bf16 (split-KV and cascade merges).
+    /// GQA group, the merge kernels writing bf16 (split-KV and cascade merges), and the bf16
+    /// prefill kernels of its shape that the catalog ships (any mask, ragged or paged).
     fn selects(self, name: &str) -> bool {
         let (d, hq, hkv) = self.shape();
-        let decode = format!("batch_decode_qbf16_kvbf16_d{d}_g{}_", hq / hkv);
-        name.starts_with(&decode) || (name.starts_with("merge_") && name.contains("_outbf16_"))
+        let shape = format!("_qbf16_kvbf16_d{d}_g{}_", hq / hkv);
+        let decode = format!("batch_decode{shape}");
+        let prefill = name.starts_with("batch_prefill") && name.contains(&shape);
+        name.starts_with(&decode)
+            || prefill
+            || (name.starts_with("merge_") && name.contains("_outbf16_"))
     }
 }
 
@@ -218,6 +223,9 @@ mod tests {
         assert!(p.selects("merge_inf32_outbf16_vec4"));
         assert!(p.selects("merge_inbf16_outbf16_vec8"));
         assert!(!p.selects("merge_inf16_outf16_vec8"));
+        assert!(p.selects("batch_prefill_sm90_paged_causal_qbf16_kvbf16_d128_g4_wq12_wkv1_m1_kt64_s2"));
+        assert!(p.selects("batch_prefill_ragged_causal_qbf16_kvbf16_d128_g4_wq4_wkv1_m2_kt64_s2"));
+        assert!(!p.selects("batch_prefill_ragged_causal_qbf16_kvbf16_d128_g1_wq4_wkv1_m2_kt64_s2"));
     }
 
     #[test]
