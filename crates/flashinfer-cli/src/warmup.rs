@@ -223,7 +223,9 @@ mod tests {
         assert!(p.selects("merge_inf32_outbf16_vec4"));
         assert!(p.selects("merge_inbf16_outbf16_vec8"));
         assert!(!p.selects("merge_inf16_outf16_vec8"));
-        assert!(p.selects("batch_prefill_sm90_paged_causal_qbf16_kvbf16_d128_g4_wq12_wkv1_m1_kt64_s2"));
+        assert!(
+            p.selects("batch_prefill_sm90_paged_causal_qbf16_kvbf16_d128_g4_wq12_wkv1_m1_kt64_s2")
+        );
         assert!(p.selects("batch_prefill_ragged_causal_qbf16_kvbf16_d128_g4_wq4_wkv1_m2_kt64_s2"));
         assert!(!p.selects("batch_prefill_ragged_causal_qbf16_kvbf16_d128_g1_wq4_wkv1_m2_kt64_s2"));
     }
