@@ -338,6 +338,11 @@ fn gpu_decode_large_batches() {
     c.lse = false;
     c.expect_split = Some(false);
     run_case::<half::bf16, half::bf16>(&c, &mut rng);
+    // A full but skewed batch: the long request is split (fair-share chunks), the rest is not.
+    let lens: Vec<usize> = [33000].into_iter().chain([256; 63]).collect();
+    let mut c = case(lens, 16, (32, 8), 128, KvLayout::Nhd);
+    c.expect_split = Some(true);
+    run_case::<half::bf16, half::bf16>(&c, &mut rng);
     let mut c = case(
         mixed_lens(&mut rng, 256, 300),
         1,

@@ -190,11 +190,9 @@ impl BatchDecode {
             "max_batch must be at least 1".into()
         })?;
         let mut op = Self::new(dev, cfg)?;
-        // The planner makes one item per request, or (when it splits) at most one wave of items.
-        let max_work = limits
-            .max_batch
-            .max(op.wave() / cfg.heads.num_kv_heads)
-            .max(1);
+        // The planner makes one item per request, or (when it splits) at most one wave of items
+        // plus one per request (plan/decode.rs).
+        let max_work = limits.max_batch + (op.wave() / cfg.heads.num_kv_heads).max(1);
         op.layout = WorkspaceLayout::new(max_work, limits.max_batch, max_work, cfg.heads);
         op.workspace = Workspace::new(dev.stream(), op.layout.total)?;
         op.graph = Some(GraphShape { limits, max_work });

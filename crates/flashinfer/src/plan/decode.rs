@@ -59,9 +59,9 @@ pub fn plan_decode(
             .sum::<usize>()
     };
     let mut chunk = None;
+    let round = |c: usize| c.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
     if allow_split && kv_lens.len() < items_wanted && max_len > MIN_CHUNK {
         // Smallest chunk (a multiple of CHUNK_ALIGN tokens) whose item count fits one wave.
-        let round = |c: usize| c.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
         let (mut lo, mut hi) = (
             round(MIN_CHUNK.max(max_len.div_ceil(max_pieces.max(1)))),
             round(max_len),
@@ -78,6 +78,21 @@ pub fn plan_decode(
         }
         if hi < max_len {
             chunk = Some(hi);
+        }
+    } else if allow_split && max_len > MIN_CHUNK {
+        // A batch that fills the GPU by itself: split only requests longer than a fair share of
+        // the work per resident block (total / blocks), so that a long request does not run alone
+        // after the others finished. With the items ordered longest first, the GPU's block
+        // scheduler then assigns each to the least-loaded slot (greedy longest-processing-time).
+        // Items: sum of ceil(len / chunk) <= total / chunk + batch <= items_wanted + batch.
+        let total: usize = kv_lens.iter().sum();
+        let c = round(
+            MIN_CHUNK
+                .max(total.div_ceil(items_wanted))
+                .max(max_len.div_ceil(max_pieces.max(1))),
+        );
+        if c < max_len {
+            chunk = Some(c);
         }
     }
     let mut s = DecodeSchedule {
@@ -108,6 +123,9 @@ pub fn plan_decode(
             s.num_partial += pieces;
         }
     }
+    // Longest first (stable: the schedule stays a pure function of the lengths). The order does
+    // not change any result: every item writes its own slot and merges go in slot order.
+    s.work.sort_by_key(|w| std::cmp::Reverse(w.kv_len));
     s
 }
 
@@ -131,13 +149,14 @@ mod tests {
                 let b = *acc; *acc += l.div_ceil(page_size) as i32; Some(b)
             }).collect();
             let s = plan_decode(&lens, &begin, heads, wave, max_pieces, true);
-            let mut covered = vec![0usize; lens.len()];
+            // (start, len) of every item per request, checked for exact contiguous coverage
+            // below (items come longest first, not in token order).
+            let mut pieces: Vec<Vec<(usize, usize)>> = vec![Vec::new(); lens.len()];
             let mut slots = vec![false; s.num_partial];
             for w in &s.work {
                 let r = w.request as usize;
                 prop_assert_eq!(w.page_begin, begin[r]);
-                prop_assert_eq!(w.kv_start as usize, covered[r]);
-                covered[r] += w.kv_len as usize;
+                pieces[r].push((w.kv_start as usize, w.kv_len as usize));
                 if let Some(c) = s.chunk_size { prop_assert_eq!(c % CHUNK_ALIGN, 0); }
                 if w.partial >= 0 {
                     prop_assert!(w.partial >= w.merge_begin && w.partial < w.merge_begin + w.num_pieces);
@@ -145,7 +164,15 @@ mod tests {
                     slots[w.partial as usize] = true;
                 }
             }
-            prop_assert_eq!(&covered, &lens);
+            for (r, p) in pieces.iter_mut().enumerate() {
+                p.sort_unstable();
+                let mut at = 0;
+                for &(start, len) in p.iter() {
+                    prop_assert_eq!(start, at);
+                    at += len;
+                }
+                prop_assert_eq!(at, lens[r]);
+            }
             prop_assert!(slots.iter().all(|&x| x));
             prop_assert!(s.work.iter().all(|w| (w.num_pieces as usize) <= max_pieces || w.partial < 0));
             // A split request's items agree on its slot range, which holds exactly its pieces.
@@ -155,8 +182,9 @@ mod tests {
                 prop_assert!(same.iter().all(|x| x.merge_begin == w.merge_begin && x.num_pieces == w.num_pieces));
             }
             if s.chunk_size.is_some() {
-                prop_assert!(s.work.len() <= (wave / heads).max(1).max(lens.len()));
+                prop_assert!(s.work.len() <= (wave / heads).max(1) + lens.len());
             }
+            prop_assert!(s.work.windows(2).all(|p| p[0].kv_len >= p[1].kv_len));
         }
     }
 
@@ -166,7 +194,22 @@ mod tests {
         assert!(s.chunk_size.is_some());
         assert!(s.work.len() > 1 && s.work.len() <= 132 * 3 / 8);
         let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 132 * 3, 4096, true);
-        assert_eq!(s.chunk_size, None, "a full batch is not split");
+        assert_eq!(s.chunk_size, None, "a full uniform batch is not split");
+        // A full but skewed batch: the long request is cut into chunks of about a fair share
+        // (total / blocks), the short ones stay whole, and the longest items come first.
+        let lens: Vec<usize> = [32768].into_iter().chain([256; 63]).collect();
+        let s = plan_decode(&lens, &vec![0; 64], 8, 264, 4096, true);
+        let c = s.chunk_size.expect("the long request is split");
+        assert!(
+            (48896 / 33..=48896 / 33 + CHUNK_ALIGN).contains(&c),
+            "chunk {c}"
+        );
+        assert_eq!(
+            s.work.iter().filter(|w| w.request == 0).count(),
+            32768usize.div_ceil(c)
+        );
+        assert_eq!(s.work[0].request, 0);
+        assert!(s.work.len() <= 33 + 64);
         assert_eq!(
             plan_decode(&[0, 5], &[0, 0], 8, 400, 4096, true).work.len(),
             2
