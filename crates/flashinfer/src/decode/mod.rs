@@ -18,12 +18,15 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, Workspace};
+use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, Workspace};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
 use crate::layout::{HeadConfig, PageTable, PagedKvDesc};
 use crate::params::AttentionParams;
+
+// SAFETY: DecodeWork is repr(C) with seven i32 fields: no padding.
+unsafe impl PlanItem for DecodeWork {}
 
 /// Static configuration of a decode op (one per model layer shape).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -276,30 +279,9 @@ impl BatchDecode {
                 l
             }
         };
-        // One host buffer holding the item count, the work list and the zeroed counters, copied
-        // in one transfer.
-        let mut host = vec![0u8; l.partial_o];
-        host[l.num_work..l.num_work + 4].copy_from_slice(&(s.work.len() as i32).to_ne_bytes());
-        // SAFETY: DecodeWork is repr(C) plain old data.
-        let work_bytes = unsafe {
-            std::slice::from_raw_parts(
-                s.work.as_ptr() as *const u8,
-                s.work.len() * std::mem::size_of::<DecodeWork>(),
-            )
-        };
-        host[l.work..l.work + work_bytes.len()].copy_from_slice(work_bytes);
-        // SAFETY: the workspace holds at least l.total >= host.len() bytes; the copy is ordered on
-        // the engine's stream before any launch of run(), and the host buffer is pageable, so the
-        // driver stages it before returning.
-        unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                self.workspace.ptr(),
-                host.as_ptr() as *const _,
-                host.len(),
-                self.dev.stream().cu_stream(),
-            )
-            .result()?;
-        }
+        // The item count, the work list and the zeroed counters, in one transfer.
+        self.workspace
+            .upload_plan(self.dev.stream(), l.num_work, l.work, &s.work, l.partial_o)?;
         self.schedule = s;
         self.layout = l;
         self.batch_size = table.batch_size();

@@ -20,15 +20,16 @@ pub use tiles::{PrefillMask, PrefillTiles, HEAD_DIMS};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::sys;
-
-use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, Workspace};
+use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, Workspace};
 use crate::decode::fast_div_params;
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
 use crate::layout::{check_len, CustomMask, HeadConfig, PageTable, PagedKvDesc, Ragged};
 use crate::params::AttentionParams;
+
+// SAFETY: PrefillWork is repr(C) with fourteen i32 fields: no padding.
+unsafe impl PlanItem for PrefillWork {}
 
 /// Static configuration of a prefill op (one per model layer shape and mask kind).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -348,29 +349,9 @@ impl BatchPrefill {
         if l.total > self.workspace.bytes() {
             self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
         }
-        // One host buffer: the item count, the work list and the zeroed counters, one copy.
-        let mut host = vec![0u8; l.partial_o];
-        host[l.num_work..l.num_work + 4].copy_from_slice(&(s.work.len() as i32).to_ne_bytes());
-        // SAFETY: PrefillWork is repr(C) plain old data.
-        let work_bytes = unsafe {
-            std::slice::from_raw_parts(
-                s.work.as_ptr() as *const u8,
-                s.work.len() * std::mem::size_of::<PrefillWork>(),
-            )
-        };
-        host[l.work..l.work + work_bytes.len()].copy_from_slice(work_bytes);
-        // SAFETY: the workspace holds l.total >= host.len() bytes; the copy is ordered on the
-        // engine's stream before run()'s launch, and a pageable source is staged by the driver
-        // before the call returns.
-        unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                self.workspace.ptr(),
-                host.as_ptr() as *const _,
-                host.len(),
-                self.dev.stream().cu_stream(),
-            )
-            .result()?;
-        }
+        // The item count, the work list and the zeroed counters, in one transfer.
+        self.workspace
+            .upload_plan(self.dev.stream(), l.num_work, l.work, &s.work, l.partial_o)?;
         self.schedule = s;
         self.layout = l;
         self.planned = Planned {
