@@ -10,6 +10,7 @@
 //! - [`block_sparse`]: attention over a block-sparse (BSR) pattern, served by the paged prefill kernel.
 //! - [`prefill`]: batch prefill and append on ragged or paged KV (plan/run, split-KV).
 //! - [`page`]: appending new tokens' K and V to a paged KV cache (plan/run).
+//! - [`variant`]: attention variants (RoPE, soft cap, ALiBi, sliding window, sinks) and their definitions.
 //! - [`plan`]: the schedulers behind each op's `plan()`, pure functions of request lengths.
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod prefill;
 pub mod random;
 pub mod reference;
+pub mod variant;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

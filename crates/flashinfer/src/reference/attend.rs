@@ -84,6 +84,11 @@ where
     max + sum.log2()
 }
 
+/// `q · k` of two f32 rows (the variant routine rotates keys into f32 first).
+pub(crate) fn dot_f32(q: &[f32], k: &[f32]) -> f32 {
+    dot(q, k)
+}
+
 /// `q · k` in f32. Eight independent partial sums let the compiler vectorise and keep the
 /// rounding error of long rows down (a pairwise-ish sum).
 #[inline]

@@ -27,12 +27,14 @@ mod gather;
 mod mask;
 pub mod merge;
 pub mod prefill;
+pub mod variant;
 
 pub use append::{append_paged_kv_cache, append_paged_kv_cache_combined};
 pub use cascade::{block_sparse, block_sparse_dense, cascade};
 pub use decode::{batch_decode, single_decode};
 pub use merge::{merge_state, merge_state_in_place, merge_states, merge_states_varlen};
 pub use prefill::{batch_prefill_paged, batch_prefill_ragged, single_prefill};
+pub use variant::batch_attention_paged;
 
 use crate::layout::HeadConfig;
 
