@@ -10,7 +10,9 @@ mod tiles;
 
 pub(crate) use fastdiv::fast_div_params;
 
-pub use crate::plan::decode::{plan_decode, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK};
+pub use crate::plan::decode::{
+    plan_decode, plan_decode_fixed_chunk, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK,
+};
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
 
@@ -128,6 +130,8 @@ pub struct BatchDecode {
     kv_indices_len: usize,
     planned: bool,
     graph: Option<GraphShape>,
+    /// Batch-invariant mode's fixed split size.
+    fixed_chunk: Option<usize>,
 }
 
 impl BatchDecode {
@@ -175,6 +179,7 @@ impl BatchDecode {
             kv_indices_len: 0,
             planned: false,
             graph: None,
+            fixed_chunk: None,
         })
     }
 
@@ -200,6 +205,20 @@ impl BatchDecode {
         op.workspace = Workspace::new(dev.stream(), op.layout.total)?;
         op.graph = Some(GraphShape { limits, max_work });
         Ok(op)
+    }
+
+    /// Batch-invariant mode: every later plan splits each request longer than `chunk` tokens (a
+    /// multiple of [`CHUNK_ALIGN`]) into chunks of `chunk`, whatever else is in the batch, so a
+    /// request's result is the same, to the bit, in any batch. `None` returns to the
+    /// batch-dependent split.
+    pub fn set_batch_invariant(&mut self, chunk: Option<usize>) -> Result<()> {
+        if let Some(c) = chunk {
+            ensure(c > 0 && c.is_multiple_of(CHUNK_ALIGN), "chunk", || {
+                format!("{c} is not a positive multiple of {CHUNK_ALIGN}")
+            })?;
+        }
+        self.fixed_chunk = chunk;
+        Ok(())
     }
 
     /// Blocks of this kernel resident on the whole GPU at once.
@@ -231,14 +250,27 @@ impl BatchDecode {
         )?;
         let wave = self.wave();
         let page_begin = &table.kv_indptr()[..table.batch_size()];
-        let s = plan_decode(
-            &kv_lens,
-            page_begin,
-            self.cfg.heads.num_kv_heads,
-            wave,
-            self.tiles.smem_bytes() / (4 * self.cfg.heads.group_size()),
-            self.cfg.allow_split,
-        );
+        let max_pieces = self.tiles.smem_bytes() / (4 * self.cfg.heads.group_size());
+        let s = match self.fixed_chunk {
+            Some(chunk) => {
+                let longest = kv_lens.iter().copied().max().unwrap_or(0);
+                ensure(longest.div_ceil(chunk) <= max_pieces, "chunk", || {
+                    format!(
+                        "{chunk} cuts a {longest}-token request into more than the {max_pieces} \
+                         pieces one merge holds"
+                    )
+                })?;
+                plan_decode_fixed_chunk(&kv_lens, page_begin, chunk)
+            }
+            None => plan_decode(
+                &kv_lens,
+                page_begin,
+                self.cfg.heads.num_kv_heads,
+                wave,
+                max_pieces,
+                self.cfg.allow_split,
+            ),
+        };
         let h = self.cfg.heads;
         let l = match self.graph {
             Some(g) => {

@@ -95,6 +95,27 @@ pub fn plan_decode(
             chunk = Some(c);
         }
     }
+    schedule_with_chunk(kv_lens, page_begin, chunk)
+}
+
+/// Batch-invariant planning: every request longer than `chunk` tokens is split into chunks of
+/// `chunk`, whatever else is in the batch, so a request's items (and so its result, to the bit)
+/// do not depend on the batch. `chunk` is a multiple of [`CHUNK_ALIGN`] (the op checks).
+pub fn plan_decode_fixed_chunk(
+    kv_lens: &[usize],
+    page_begin: &[i32],
+    chunk: usize,
+) -> DecodeSchedule {
+    let max_len = kv_lens.iter().copied().max().unwrap_or(0);
+    schedule_with_chunk(kv_lens, page_begin, (chunk < max_len).then_some(chunk))
+}
+
+/// The work items for a chosen chunk size (`None`: one item per request), longest first.
+fn schedule_with_chunk(
+    kv_lens: &[usize],
+    page_begin: &[i32],
+    chunk: Option<usize>,
+) -> DecodeSchedule {
     let mut s = DecodeSchedule {
         chunk_size: chunk,
         ..Default::default()
@@ -185,6 +206,33 @@ mod tests {
                 prop_assert!(s.work.len() <= (wave / heads).max(1) + lens.len());
             }
             prop_assert!(s.work.windows(2).all(|p| p[0].kv_len >= p[1].kv_len));
+        }
+    }
+
+    proptest! {
+        /// Batch-invariant mode: a request's items are the same whatever else is in the batch.
+        #[test]
+        fn fixed_chunk_items_do_not_depend_on_the_batch(
+            lens in proptest::collection::vec(0usize..5000, 1..20),
+            chunk_tiles in 1usize..20,
+            pick in 0usize..20,
+        ) {
+            let chunk = chunk_tiles * CHUNK_ALIGN;
+            let r = pick % lens.len();
+            let begin = vec![0i32; lens.len()];
+            let of = |s: &DecodeSchedule, req: i32| {
+                let mut v: Vec<(i32, i32, i32)> = s
+                    .work
+                    .iter()
+                    .filter(|w| w.request == req)
+                    .map(|w| (w.kv_start, w.kv_len, w.num_pieces))
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let in_batch = plan_decode_fixed_chunk(&lens, &begin, chunk);
+            let alone = plan_decode_fixed_chunk(&lens[r..=r], &[0], chunk);
+            prop_assert_eq!(of(&in_batch, r as i32), of(&alone, 0));
         }
     }
 

@@ -64,6 +64,9 @@ pub struct PrefillShape {
     /// memory).
     pub max_pieces: usize,
     pub allow_split: bool,
+    /// Batch-invariant mode: split every tile's keys into chunks of this many (a multiple of
+    /// `kv_tile`), whatever the batch, instead of choosing a chunk from the batch.
+    pub fixed_kv_chunk: Option<usize>,
 }
 
 /// The schedule of one prefill step.
@@ -109,8 +112,12 @@ pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> Prefil
             .map(|t| t.2.div_ceil(chunk).max(1))
             .sum::<usize>()
     };
-    let mut chunk = None;
-    if shape.allow_split && tiles.len() < items_wanted && max_kv > MIN_KV_CHUNK {
+    let mut chunk = shape.fixed_kv_chunk.filter(|&c| c > 0 && c < max_kv);
+    if shape.fixed_kv_chunk.is_none()
+        && shape.allow_split
+        && tiles.len() < items_wanted
+        && max_kv > MIN_KV_CHUNK
+    {
         // Smallest chunk (a whole number of kernel KV tiles) whose items fit one wave.
         let align = shape.kv_tile.max(1);
         let round = |c: usize| c.div_ceil(align) * align;
@@ -219,7 +226,7 @@ mod tests {
             let reqs = requests(&lens);
             let shape = PrefillShape {
                 group, cta_q, kv_tile: 64, causal, num_kv_heads: heads, wave, max_pieces,
-                allow_split: true,
+                allow_split: true, fixed_kv_chunk: None,
             };
             let s = plan_prefill(&reqs, &shape);
             // keys covered per (request, tile)
@@ -258,6 +265,37 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Batch-invariant mode: a request's items are the same whatever else is in the batch.
+        #[test]
+        fn fixed_chunk_items_do_not_depend_on_the_batch(
+            lens in proptest::collection::vec((1usize..300, 0usize..3000), 1..10),
+            chunk_tiles in 1usize..10,
+            causal in any::<bool>(),
+            pick in 0usize..10,
+        ) {
+            let reqs = requests(&lens);
+            let r = pick % reqs.len();
+            let shape = PrefillShape {
+                group: 4, cta_q: 64, kv_tile: 64, causal, num_kv_heads: 8, wave: 264,
+                max_pieces: 1 << 20, allow_split: true, fixed_kv_chunk: Some(64 * chunk_tiles),
+            };
+            let of = |s: &PrefillSchedule, req: i32| {
+                let mut v: Vec<(i32, i32, i32, i32)> = s
+                    .work
+                    .iter()
+                    .filter(|w| w.request == req)
+                    .map(|w| (w.row_begin, w.kv_begin, w.kv_end, w.num_pieces))
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let in_batch = plan_prefill(&reqs, &shape);
+            let alone = plan_prefill(&requests(&lens[r..=r]), &shape);
+            prop_assert_eq!(of(&in_batch, r as i32), of(&alone, 0));
+        }
+    }
+
     #[test]
     fn causal_tiles_stop_at_their_diagonal() {
         let shape = PrefillShape {
@@ -269,6 +307,7 @@ mod tests {
             wave: 264,
             max_pieces: 64,
             allow_split: false,
+            fixed_kv_chunk: None,
         };
         let r = requests(&[(100, 1100)])[0];
         // Tile 0 holds tokens 0..32: token 31 sees keys 0..=1031.
@@ -290,6 +329,7 @@ mod tests {
             wave: 264,
             max_pieces: 64,
             allow_split: true,
+            fixed_kv_chunk: None,
         };
         let s = plan_prefill(&requests(&[(4, 4096)]), &shape);
         assert!(s.kv_chunk.is_some());

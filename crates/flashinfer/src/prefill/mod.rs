@@ -133,8 +133,10 @@ pub struct BatchPrefill {
     schedule: PrefillSchedule,
     layout: WorkspaceLayout,
     planned: Planned,
-    /// Forces a tile shape (benchmarks); `None` lets `plan()` choose.
+    /// Forces a tile shape (benchmarks, batch-invariant mode); `None` lets `plan()` choose.
     forced_tiles: Option<PrefillTiles>,
+    /// Batch-invariant mode's fixed split size.
+    fixed_kv_chunk: Option<usize>,
 }
 
 impl BatchPrefill {
@@ -168,6 +170,7 @@ impl BatchPrefill {
             layout: WorkspaceLayout::default(),
             planned: Planned::default(),
             forced_tiles: None,
+            fixed_kv_chunk: None,
         })
     }
 
@@ -175,6 +178,33 @@ impl BatchPrefill {
     /// configuration.
     pub fn force_tiles(&mut self, tiles: Option<PrefillTiles>) {
         self.forced_tiles = tiles;
+    }
+
+    /// Batch-invariant mode: every later plan uses `tiles` and splits every tile's keys into
+    /// chunks of `kv_chunk` (a multiple of `tiles.kv_tile`), so a request's result is the same, to
+    /// the bit, whatever else is in the batch. `None` returns to the batch-dependent choice.
+    pub fn set_batch_invariant(&mut self, mode: Option<(PrefillTiles, usize)>) -> Result<()> {
+        match mode {
+            Some((tiles, chunk)) => {
+                ensure(
+                    chunk > 0 && chunk.is_multiple_of(tiles.kv_tile),
+                    "kv_chunk",
+                    || {
+                        format!(
+                            "{chunk} is not a positive multiple of the tile's {} keys",
+                            tiles.kv_tile
+                        )
+                    },
+                )?;
+                self.forced_tiles = Some(tiles);
+                self.fixed_kv_chunk = Some(chunk);
+            }
+            None => {
+                self.forced_tiles = None;
+                self.fixed_kv_chunk = None;
+            }
+        }
+        Ok(())
     }
 
     /// The current plan's schedule and kernel shape.
@@ -337,7 +367,22 @@ impl BatchPrefill {
             wave: info.sm_count * tiles.ctas_per_sm(info.smem_per_sm),
             max_pieces: tiles.max_pieces(),
             allow_split: cfg.allow_split,
+            fixed_kv_chunk: self.fixed_kv_chunk,
         };
+        if let Some(chunk) = self.fixed_kv_chunk {
+            let longest = kv_lens.iter().copied().max().unwrap_or(0);
+            ensure(
+                longest.div_ceil(chunk) <= shape.max_pieces,
+                "kv_chunk",
+                || {
+                    format!(
+                        "{chunk} cuts a {longest}-key request into more than the {} pieces one \
+                     merge holds",
+                        shape.max_pieces
+                    )
+                },
+            )?;
+        }
         let s = plan_prefill(&requests, &shape);
         ensure(
             s.work.len() * h.num_kv_heads < i32::MAX as usize,
