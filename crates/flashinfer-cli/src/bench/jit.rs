@@ -5,6 +5,7 @@ use std::time::Instant;
 use flashinfer::cuda::{sys, Device};
 use flashinfer::decode::DecodeTiles;
 use flashinfer::jit::{DiskCache, Jit, SearchEnv};
+use flashinfer::prefill::{PrefillMask, PrefillTiles};
 use flashinfer::DType;
 
 #[derive(Debug, clap::Args)]
@@ -33,6 +34,33 @@ pub fn run(a: JitArgs) -> Result<(), String> {
         (
             "decode f16 d256 g8",
             DecodeTiles::choose(256, 8, DType::F16, DType::F16).spec(),
+        ),
+        (
+            "prefill bf16 d128 g4",
+            PrefillTiles::choose(
+                128,
+                4,
+                DType::BF16,
+                DType::BF16,
+                true,
+                PrefillMask::Causal,
+                1 << 15,
+                arch,
+            )
+            .spec(),
+        ),
+        (
+            "prefill f16 d256 g1",
+            PrefillTiles::mma_sync(
+                256,
+                1,
+                DType::F16,
+                DType::F16,
+                false,
+                PrefillMask::None,
+                1 << 15,
+            )
+            .spec(),
         ),
         (
             "merge bf16",

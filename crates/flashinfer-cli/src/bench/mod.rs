@@ -6,6 +6,7 @@ mod cascade;
 mod decode;
 mod jit;
 mod npy;
+mod plan;
 mod prefill;
 mod timing;
 
@@ -14,6 +15,7 @@ use clap::Subcommand;
 pub use cascade::CascadeArgs;
 pub use decode::DecodeArgs;
 pub use jit::JitArgs;
+pub use plan::PlanArgs;
 pub use prefill::PrefillArgs;
 
 #[derive(Debug, Subcommand)]
@@ -24,6 +26,8 @@ pub enum BenchCmd {
     Prefill(PrefillArgs),
     /// A shared prefix as one level and as a cascade (prefix read once, merged).
     Cascade(CascadeArgs),
+    /// Host time of planning a step (schedulers; with a GPU the ops' whole plan()).
+    Plan(PlanArgs),
     /// Cold NVRTC compile and cached load times of the shipped kernels.
     Jit(JitArgs),
 }
@@ -34,6 +38,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
         BenchCmd::Prefill(a) => prefill::run(a),
         BenchCmd::Cascade(a) => cascade::run(a),
         BenchCmd::Jit(a) => jit::run(a),
+        BenchCmd::Plan(a) => plan::run(a),
     }
 }
 

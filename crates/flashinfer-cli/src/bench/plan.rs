@@ -1,0 +1,124 @@
+//! `flashinfer bench plan`: how long planning a step takes on the host. The schedulers alone
+//! (pure functions of the request lengths) run anywhere; with a GPU the ops' whole `plan()` is
+//! timed too (scheduler, workspace layout and the one host-to-device copy).
+
+use std::time::Instant;
+
+use flashinfer::cuda::Device;
+use flashinfer::decode::{plan_decode, BatchDecode, DecodeConfig};
+use flashinfer::layout::{HeadConfig, PageTable, Ragged};
+use flashinfer::plan::prefill::{plan_prefill, PrefillRequest, PrefillShape};
+use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask};
+use flashinfer::random::SplitMix64;
+use flashinfer::{AttentionParams, DType};
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Requests per step.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Longest KV length; lengths are uniform in 1..=max.
+    #[arg(long, default_value_t = 8192)]
+    pub max_kv_len: usize,
+    /// Repetitions (median reported).
+    #[arg(long, default_value_t = 2000)]
+    pub reps: usize,
+}
+
+fn median_us(reps: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+pub fn run(a: PlanArgs) -> Result<(), String> {
+    let err = |e: flashinfer::Error| e.to_string();
+    let mut rng = SplitMix64::new(7);
+    let lens: Vec<usize> = (0..a.batch).map(|_| 1 + rng.below(a.max_kv_len)).collect();
+    let page = 16;
+    let num_pages = PageTable::pages_needed(&lens, page);
+    let ids: Vec<i32> = (0..num_pages as i32).collect();
+    let table = PageTable::from_kv_lens(&lens, page, &ids, num_pages).map_err(err)?;
+    let begin = &table.kv_indptr()[..a.batch];
+    println!(
+        "plan: {} requests, KV lengths uniform in 1..={}, page {page} (host times, median of {})",
+        a.batch, a.max_kv_len, a.reps
+    );
+    let t = median_us(a.reps, || {
+        std::hint::black_box(plan_decode(&lens, begin, 8, 264, 6144, true));
+        Ok(())
+    })?;
+    println!("  decode scheduler (plan_decode)            {t:>8.2} us");
+    let reqs: Vec<PrefillRequest> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &kv)| PrefillRequest {
+            qo_len: 1 + kv % 16,
+            kv_len: kv,
+            q_start: i * 16,
+            ..Default::default()
+        })
+        .collect();
+    let shape = PrefillShape {
+        group: 4,
+        cta_q: 64,
+        kv_tile: 64,
+        causal: true,
+        num_kv_heads: 8,
+        wave: 264,
+        max_pieces: 300,
+        allow_split: true,
+        fixed_kv_chunk: None,
+    };
+    let t = median_us(a.reps, || {
+        std::hint::black_box(plan_prefill(&reqs, &shape));
+        Ok(())
+    })?;
+    println!("  prefill scheduler (plan_prefill, appends) {t:>8.2} us");
+
+    if Device::count() == 0 {
+        println!("  (no GPU: the ops' plan(), with its host-to-device copy, was not timed)");
+        return Ok(());
+    }
+    let dev = Device::new(0).map_err(err)?;
+    let heads = HeadConfig::new(32, 8, 128).map_err(err)?;
+    let mut decode = BatchDecode::new(
+        &dev,
+        DecodeConfig {
+            heads,
+            q_dtype: DType::BF16,
+            kv_dtype: DType::BF16,
+            params: AttentionParams::default(),
+            allow_split: true,
+        },
+    )
+    .map_err(err)?;
+    let t = median_us(a.reps, || decode.plan(&table).map_err(err))?;
+    println!("  BatchDecode::plan (one copy)              {t:>8.2} us");
+    let mut prefill = BatchPrefill::new(
+        &dev,
+        PrefillConfig {
+            heads,
+            q_dtype: DType::BF16,
+            kv_dtype: DType::BF16,
+            params: AttentionParams::default(),
+            mask: PrefillMask::Causal,
+            allow_split: true,
+        },
+    )
+    .map_err(err)?;
+    let qo = Ragged::from_lens(&reqs.iter().map(|r| r.qo_len).collect::<Vec<_>>());
+    let t = median_us(a.reps, || {
+        prefill
+            .plan(&qo, PrefillKv::Paged(&table), None)
+            .map_err(err)
+    })?;
+    println!("  BatchPrefill::plan (one copy)             {t:>8.2} us");
+    dev.stream().synchronize().map_err(|e| e.to_string())?;
+    Ok(())
+}
