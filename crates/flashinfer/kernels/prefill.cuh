@@ -44,6 +44,23 @@
 #ifndef MIN_BLOCKS_PER_SM
 #define MIN_BLOCKS_PER_SM 1
 #endif
+// Attention variants (crate::variant has their definitions), each compiled in only when the
+// generated source turns it on, so a plain kernel is exactly the plain code.
+#ifndef VARIANT_SOFTCAP
+#define VARIANT_SOFTCAP 0
+#endif
+#ifndef VARIANT_ALIBI
+#define VARIANT_ALIBI 0
+#endif
+#ifndef VARIANT_WINDOW
+#define VARIANT_WINDOW 0
+#endif
+#ifndef VARIANT_SINKS
+#define VARIANT_SINKS 0
+#endif
+// Soft cap and ALiBi change the logits themselves: scores are then moved to the scaled base-2
+// domain before the softmax instead of folding the scale into the exponent.
+#define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI)
 
 constexpr int NUM_WARPS = WARPS_Q * WARPS_KV;
 constexpr int NUM_THREADS = NUM_WARPS * 32;
@@ -118,7 +135,25 @@ struct PrefillParams {
   int num_kv_heads;
   float sm_scale_log2;          // softmax scale * log2(e)
   float lse_out_scale;          // base-2 lse -> caller's base
+  // Variants (unused by a plain kernel):
+  float softcap_in;             // sm_scale / cap
+  float softcap_out;            // cap * log2(e)
+  int window_left;              // keys at positions >= query position - window_left
+  const float* alibi_slopes_log2;  // [num_qo_heads] slope * log2(e)
+  const float* sinks_log2;         // [num_qo_heads] sink logit * log2(e)
 };
+
+// Folds a sink (a state with lse `sink` and no value) into an unnormalised row state (m, den,
+// acc): the sink counts once, when the final output of a row is written.
+template <int V>
+__device__ __forceinline__ void add_sink(float sink, float& m, float& den, float* acc) {
+  const float m_new = fmaxf(m, sink);
+  const float f = fast_exp2(m - m_new);  // m = -inf (no key seen) -> 0
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] *= f;
+  den = den * f + fast_exp2(sink - m_new);
+  m = m_new;
+}
 
 // Element offset of key `key` (within the request) of head 0, chunk 0.
 __device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const PrefillWork& w, int key) {
@@ -183,6 +218,9 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
         acc[3] += wgt * v.w;
       }
     }
+#if VARIANT_SINKS
+    add_sink<V>(p.sinks_log2[kv_head * GROUP + (w.row_begin + row) % GROUP], m, den, acc);
+#endif
     const float inv = den > 0.f ? 1.f / den : 0.f;
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] *= inv;
@@ -275,6 +313,20 @@ batch_prefill(const PrefillParams p) {
   // Keys below this need no per-element mask for any row of the warp.
   int unmasked_end = kv_stop;
   if constexpr (MASK_MODE == MASK_CAUSAL) unmasked_end = min(kv_stop, diag + (w.row_begin + warp_row0) / GROUP + 1);
+#if VARIANT_WINDOW
+  // Keys from here on are inside the window of every row of the warp (its last row's bound).
+  const int window_lo = diag + (w.row_begin + warp_row0 + 16 * M_TILES - 1) / GROUP - p.window_left;
+#endif
+#if VARIANT_ALIBI
+  float row_slope[M_TILES][2];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      row_slope[mt][h] = p.alibi_slopes_log2[kv_head * GROUP + (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) % GROUP];
+#endif
+  // The exponent's scale: folded in (plain), or already applied to the logits (variants).
+  const float score_scale = VARIANT_LOGITS ? 1.f : p.sm_scale_log2;
 
   float m[M_TILES][2], d[M_TILES][2];
   float o[M_TILES][HEAD_DIM / 8][4];
@@ -350,10 +402,35 @@ batch_prefill(const PrefillParams p) {
     }
 #endif
 
-    // Mask: only tiles that cross the end of the keys, the causal diagonal, or carry a custom
-    // mask look at each element. Scores stay unscaled here; the scale (> 0, checked by the host)
-    // is folded into the exponent below, one FFMA per score.
-    const bool full = MASK_MODE != MASK_CUSTOM && key0 + WARP_KV <= unmasked_end;
+#if VARIANT_LOGITS
+    // Logits variants, in the scaled base-2 domain: soft cap c (c tanh(x / c)), then ALiBi.
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][j][e];
+#if VARIANT_SOFTCAP
+          x = p.softcap_out * tanhf(x * p.softcap_in);
+#else
+          x *= p.sm_scale_log2;
+#endif
+#if VARIANT_ALIBI
+          const int key = key0 + j * 8 + 2 * t + (e & 1);
+          x += row_slope[mt][e >> 1] * (float)(key - (diag + row_token[mt][e >> 1]));
+#endif
+          s[mt][j][e] = x;
+        }
+#endif
+    // Mask: only tiles that cross the end of the keys, the causal diagonal, a sliding window's
+    // start, or carry a custom mask look at each element. Without logits variants the scores stay
+    // unscaled here; the scale (> 0, checked by the host) is folded into the exponent below, one
+    // FFMA per score.
+    bool full = MASK_MODE != MASK_CUSTOM && key0 + WARP_KV <= unmasked_end;
+#if VARIANT_WINDOW
+    full = full && key0 >= window_lo;
+#endif
     if (!full) {
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt) {
@@ -365,6 +442,9 @@ batch_prefill(const PrefillParams p) {
             const int token = row_token[mt][e >> 1];
             bool visible = key < kv_stop;
             if constexpr (MASK_MODE == MASK_CAUSAL) visible = visible && key <= diag + token;
+#if VARIANT_WINDOW
+            visible = visible && key >= diag + token - p.window_left;
+#endif
             if constexpr (MASK_MODE == MASK_CUSTOM) {
               if (visible && token < w.qo_len) {
                 const long long bit = (long long)token * w.kv_len + key;
@@ -395,7 +475,7 @@ batch_prefill(const PrefillParams p) {
       for (int h = 0; h < 2; ++h) {
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 1));
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 2));
-        const float m_new = fmaxf(m[mt][h], m_tile[h] * p.sm_scale_log2);  // m: scaled, base 2
+        const float m_new = fmaxf(m[mt][h], m_tile[h] * score_scale);  // m: scaled, base 2
         m_use[h] = m_new == NEG_INF ? 0.f : m_new;  // keeps exp2 finite while nothing is seen
         rescale[mt][h] = fast_exp2(m[mt][h] - m_use[h]);
         moved = moved || rescale[mt][h] != 1.f;
@@ -406,7 +486,7 @@ batch_prefill(const PrefillParams p) {
       for (int j = 0; j < NT_KV; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[mt][j][e] = fast_exp2(fmaf(s[mt][j][e], p.sm_scale_log2, -m_use[e >> 1]));
+          s[mt][j][e] = fast_exp2(fmaf(s[mt][j][e], score_scale, -m_use[e >> 1]));
           d[mt][e >> 1] += s[mt][j][e];
         }
         pa[mt][j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[mt][j][0], s[mt][j][1]);
@@ -503,6 +583,9 @@ batch_prefill(const PrefillParams p) {
         for (int i = 0; i < OUT_VEC; ++i) acc[i] += src[i] * sc;
       }
     }
+#if VARIANT_SINKS
+    if (w.partial < 0) add_sink<OUT_VEC>(p.sinks_log2[kv_head * GROUP + (w.row_begin + row) % GROUP], m_all, den, acc);
+#endif
     const float inv = den > 0.f ? 1.f / den : 0.f;
 #pragma unroll
     for (int i = 0; i < OUT_VEC; ++i) acc[i] *= inv;

@@ -126,6 +126,56 @@ impl Variant<'_> {
     }
 }
 
+/// Which built-in variants a kernel specialisation compiles in (the run-time values travel in the
+/// kernel's parameters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VariantFlags {
+    pub soft_cap: bool,
+    pub alibi: bool,
+    pub window: bool,
+    pub sinks: bool,
+}
+
+impl VariantFlags {
+    pub fn of(v: &Variant<'_>) -> Self {
+        VariantFlags {
+            soft_cap: v.logits_soft_cap.is_some(),
+            alibi: v.alibi_slopes.is_some(),
+            window: v.window_left.is_some(),
+            sinks: v.sinks.is_some(),
+        }
+    }
+    pub fn is_plain(&self) -> bool {
+        *self == VariantFlags::default()
+    }
+    /// `_cap_alibi_win_sink`-style suffix of a specialisation's key; empty when plain (so plain
+    /// kernels keep their names and cache entries).
+    pub fn key_suffix(&self) -> String {
+        [
+            (self.soft_cap, "_cap"),
+            (self.alibi, "_alibi"),
+            (self.window, "_win"),
+            (self.sinks, "_sink"),
+        ]
+        .into_iter()
+        .filter_map(|(on, s)| on.then_some(s))
+        .collect()
+    }
+    /// The `#define` lines that turn the variants on in a kernel's generated source.
+    pub fn defines(&self) -> String {
+        [
+            (self.soft_cap, "VARIANT_SOFTCAP"),
+            (self.alibi, "VARIANT_ALIBI"),
+            (self.window, "VARIANT_WINDOW"),
+            (self.sinks, "VARIANT_SINKS"),
+        ]
+        .into_iter()
+        .filter(|&(on, _)| on)
+        .map(|(_, name)| format!("#define {name} 1\n"))
+        .collect()
+    }
+}
+
 /// The standard ALiBi slopes for `num_heads` heads: `2^(-8 (h + 1) / n)` for the largest power of
 /// two `n <= num_heads`, then the odd multiples of the next power's slopes for the rest (as in the
 /// ALiBi paper's reference code).

@@ -20,6 +20,8 @@ pub use tiles::{PrefillMask, PrefillTiles, HEAD_DIMS};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::driver::CudaSlice;
+
 use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, Workspace};
 use crate::decode::fast_div_params;
 use crate::dtype::{DType, Element};
@@ -27,6 +29,7 @@ use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
 use crate::layout::{check_len, CustomMask, HeadConfig, PageTable, PagedKvDesc, Ragged};
 use crate::params::AttentionParams;
+use crate::variant::{Variant, VariantFlags};
 
 // SAFETY: PrefillWork is repr(C) with fourteen i32 fields: no padding.
 unsafe impl PlanItem for PrefillWork {}
@@ -79,6 +82,22 @@ struct PrefillParams {
     num_kv_heads: i32,
     sm_scale_log2: f32,
     lse_out_scale: f32,
+    softcap_in: f32,
+    softcap_out: f32,
+    window_left: i32,
+    alibi_slopes_log2: u64,
+    sinks_log2: u64,
+}
+
+/// The variant of later plans and runs: what the kernel compiles in, its scalars, and the
+/// per-head tensors (ALiBi slopes, then sinks, both times log2(e)) in device memory.
+#[derive(Default)]
+struct VariantState {
+    flags: VariantFlags,
+    soft_cap: f32,
+    window_left: usize,
+    /// `[2 * num_qo_heads]`: slopes, then sinks.
+    per_head: Option<CudaSlice<f32>>,
 }
 
 /// Byte offsets of a plan's pieces inside the workspace.
@@ -137,6 +156,7 @@ pub struct BatchPrefill {
     forced_tiles: Option<PrefillTiles>,
     /// Batch-invariant mode's fixed split size.
     fixed_kv_chunk: Option<usize>,
+    variant: VariantState,
 }
 
 impl BatchPrefill {
@@ -171,6 +191,7 @@ impl BatchPrefill {
             planned: Planned::default(),
             forced_tiles: None,
             fixed_kv_chunk: None,
+            variant: VariantState::default(),
         })
     }
 
@@ -207,6 +228,61 @@ impl BatchPrefill {
         Ok(())
     }
 
+    /// Attention variant of every later `plan()` and `run()`: logits soft cap, ALiBi, sliding
+    /// window and sinks, in any combination (definitions in [`crate::variant`]; positions are
+    /// aligned bottom-right, as the causal mask). The per-head slopes and sinks are copied to the
+    /// device here, once. RoPE is not fused into the GPU kernels yet: a typed error.
+    pub fn set_variant(&mut self, variant: &Variant<'_>) -> Result<()> {
+        let h = self.cfg.heads;
+        variant.validate(&h, 0).or_else(|e| match e {
+            // The batch is not known yet; offsets only exist with RoPE, rejected below.
+            crate::Error::InvalidArgument {
+                arg: "rope_offsets",
+                ..
+            } => Ok(()),
+            e => Err(e),
+        })?;
+        if variant.rope.is_some() || variant.rope_offsets.is_some() {
+            return Err(crate::Error::Unsupported(
+                "RoPE fused into the prefill kernel is not implemented yet; apply it to q and k \
+                 before the op, or use the CPU backend's reference::batch_attention_paged"
+                    .into(),
+            ));
+        }
+        if let Some(w) = variant.window_left {
+            ensure(w < i32::MAX as usize, "window_left", || {
+                format!("{w} exceeds i32::MAX")
+            })?;
+        }
+        let flags = VariantFlags::of(variant);
+        let per_head = if flags.alibi || flags.sinks {
+            let log2e = std::f32::consts::LOG2_E;
+            let mut host = vec![0f32; 2 * h.num_qo_heads];
+            if let Some(s) = variant.alibi_slopes {
+                for (d, &x) in host[..h.num_qo_heads].iter_mut().zip(s) {
+                    *d = x * log2e;
+                }
+            }
+            if let Some(s) = variant.sinks {
+                for (d, &x) in host[h.num_qo_heads..].iter_mut().zip(s) {
+                    *d = x * log2e;
+                }
+            }
+            Some(self.dev.stream().clone_htod(&host)?)
+        } else {
+            None
+        };
+        self.variant = VariantState {
+            flags,
+            soft_cap: variant.logits_soft_cap.unwrap_or(0.0),
+            window_left: variant.window_left.unwrap_or(0),
+            per_head,
+        };
+        // The next plan() picks (and compiles) the variant's kernel.
+        self.planned.tiles = None;
+        Ok(())
+    }
+
     /// The current plan's schedule and kernel shape.
     pub fn schedule(&self) -> &PrefillSchedule {
         &self.schedule
@@ -239,18 +315,26 @@ impl BatchPrefill {
 
     fn choose_tiles(&self, paged: bool, packed_qo_len: usize) -> PrefillTiles {
         let (c, h) = (&self.cfg, self.cfg.heads);
+        let variant = self.variant.flags;
         match self.forced_tiles {
-            Some(t) => PrefillTiles { paged, ..t },
-            None => PrefillTiles::choose(
-                h.head_dim,
-                h.group_size(),
-                c.q_dtype,
-                c.kv_dtype,
+            Some(t) => PrefillTiles {
                 paged,
-                c.mask,
-                packed_qo_len,
-                self.dev.arch(),
-            ),
+                variant,
+                ..t
+            },
+            None => PrefillTiles {
+                variant,
+                ..PrefillTiles::choose(
+                    h.head_dim,
+                    h.group_size(),
+                    c.q_dtype,
+                    c.kv_dtype,
+                    paged,
+                    c.mask,
+                    packed_qo_len,
+                    self.dev.arch(),
+                )
+            },
         }
     }
 
@@ -586,6 +670,11 @@ impl BatchPrefill {
         }
         let ws = self.workspace.ptr();
         let div = fast_div_params(kv.page_size);
+        let per_head = self
+            .variant
+            .per_head
+            .as_ref()
+            .map_or(0, |b| DevSlice::new(b, self.dev.stream()).ptr());
         let params = PrefillParams {
             q: q.ptr(),
             k: kv.k,
@@ -609,6 +698,15 @@ impl BatchPrefill {
             num_kv_heads: h.num_kv_heads as i32,
             sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
             lse_out_scale: cfg.params.lse_base.from_log2(1.0),
+            softcap_in: if self.variant.flags.soft_cap {
+                cfg.params.scale(h.head_dim) / self.variant.soft_cap
+            } else {
+                0.0
+            },
+            softcap_out: self.variant.soft_cap * std::f32::consts::LOG2_E,
+            window_left: self.variant.window_left as i32,
+            alibi_slopes_log2: per_head,
+            sinks_log2: per_head + (h.num_qo_heads * 4) as u64 * u64::from(per_head != 0),
         };
         let f = self
             .kernels

@@ -22,6 +22,7 @@
 
 use crate::dtype::DType;
 use crate::jit::{Arch, KernelSpec};
+use crate::variant::VariantFlags;
 
 /// How keys are masked; part of the kernel specialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -69,6 +70,8 @@ pub struct PrefillTiles {
     pub nstage: usize,
     /// Matmuls on Hopper's wgmma (warpgroups of 64 rows) instead of mma.sync.
     pub wgmma: bool,
+    /// Attention variants compiled in.
+    pub variant: VariantFlags,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -146,6 +149,7 @@ impl PrefillTiles {
             kv_tile,
             nstage: 2,
             wgmma: true,
+            variant: VariantFlags::default(),
         }
     }
 
@@ -183,6 +187,7 @@ impl PrefillTiles {
             kv_tile,
             nstage: 2,
             wgmma: false,
+            variant: VariantFlags::default(),
         }
     }
 
@@ -237,7 +242,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -249,13 +254,14 @@ impl PrefillTiles {
             self.warps_kv,
             self.m_tiles,
             self.kv_tile,
-            self.nstage
+            self.nstage,
+            self.variant.key_suffix()
         )
     }
 
     pub fn spec(&self) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -273,6 +279,7 @@ impl PrefillTiles {
             mask = self.mask.code(),
             mb = self.ctas_per_sm(228 * 1024),
             wg = u32::from(self.wgmma),
+            var = self.variant.defines(),
         );
         let spec = KernelSpec::new(self.name(), source, ["batch_prefill"]);
         if self.wgmma {
@@ -304,6 +311,41 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     }
                 }
             }
+        }
+    }
+    // Every variant switch, alone and all together, on both backends.
+    for flags in [
+        VariantFlags {
+            soft_cap: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            alibi: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            window: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            sinks: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            soft_cap: true,
+            alibi: true,
+            window: true,
+            sinks: true,
+        },
+    ] {
+        let dt = DType::BF16;
+        for mut t in [
+            PrefillTiles::mma_sync(128, 4, dt, dt, true, PrefillMask::Causal, 1024),
+            PrefillTiles::mma_sync(64, 4, dt, dt, false, PrefillMask::None, 8),
+            PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, 64),
+        ] {
+            t.variant = flags;
+            v.push(t.spec());
         }
     }
     // Different packed lengths can choose the same tiles: one spec per name.

@@ -1,0 +1,206 @@
+//! GPU prefill / append / decode-shaped steps with attention variants (soft cap, ALiBi, sliding
+//! window, sinks, every combination) against the CPU backend's definitions
+//! (`reference::batch_attention_paged`), on both matmul backends.
+
+mod support;
+
+use flashinfer::cuda::{DevSlice, DevSliceMut};
+use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged};
+use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask, PrefillTiles};
+use flashinfer::reference::{self, rel_l2_error};
+use flashinfer::variant::{alibi_slopes, Variant};
+use flashinfer::{AttentionParams, DType, MaskMode};
+use support::*;
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    rng: &mut flashinfer::random::SplitMix64,
+    qo_lens: &[usize],
+    kv_lens: &[usize],
+    heads: HeadConfig,
+    causal: bool,
+    variant: &Variant<'_>,
+    portable: bool,
+) {
+    let dev = device();
+    let st = dev.stream();
+    let page = 16;
+    let num_pages = PageTable::pages_needed(kv_lens, page) + 1;
+    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+    rng.shuffle(&mut ids);
+    let table = PageTable::from_kv_lens(kv_lens, page, &ids, num_pages).unwrap();
+    let desc = PagedKvDesc::new(
+        KvLayout::Nhd,
+        num_pages,
+        page,
+        heads.num_kv_heads,
+        heads.head_dim,
+    )
+    .unwrap();
+    let k: Vec<half::bf16> = rng.vec(desc.required_len(), 1.0);
+    let v: Vec<half::bf16> = rng.vec(desc.required_len(), 1.0);
+    let qo = Ragged::from_lens(qo_lens);
+    let q: Vec<half::bf16> = rng.vec(qo.total() * heads.num_qo_heads * heads.head_dim, 2.0);
+    let params = AttentionParams::default();
+    let mask = if causal {
+        MaskMode::Causal
+    } else {
+        MaskMode::None
+    };
+    let pool = PagedKv::new(desc, &k, &v).unwrap();
+    let mut want = vec![0f32; q.len()];
+    let mut want_lse = vec![0f32; qo.total() * heads.num_qo_heads];
+    reference::batch_attention_paged(
+        &to_f32(&q),
+        &qo,
+        &pool,
+        &table,
+        heads,
+        mask,
+        &params,
+        variant,
+        &mut want,
+        Some(&mut want_lse),
+    )
+    .unwrap();
+    let kind = if causal {
+        PrefillMask::Causal
+    } else {
+        PrefillMask::None
+    };
+    let mut op = BatchPrefill::new(
+        &dev,
+        PrefillConfig {
+            heads,
+            q_dtype: DType::BF16,
+            kv_dtype: DType::BF16,
+            params,
+            mask: kind,
+            allow_split: true,
+        },
+    )
+    .unwrap();
+    if portable {
+        let t = PrefillTiles::mma_sync(
+            heads.head_dim,
+            heads.group_size(),
+            DType::BF16,
+            DType::BF16,
+            true,
+            kind,
+            1 << 20,
+        );
+        op.force_tiles(Some(t));
+    }
+    op.set_variant(variant).unwrap();
+    op.plan(&qo, PrefillKv::Paged(&table), None).unwrap();
+    let what = format!(
+        "{} causal {causal} qo {qo_lens:?} kv {kv_lens:?} {:?} {}",
+        variant.key(),
+        heads,
+        op.tiles().unwrap().name()
+    );
+    let (dq, dk, dv) = (upload(&dev, &q), upload(&dev, &k), upload(&dev, &v));
+    let di = upload(&dev, &[table.kv_indices(), &[0]].concat());
+    let mut out = poisoned::<half::bf16>(&dev, q.len());
+    let mut lse = poisoned::<f32>(&dev, want_lse.len());
+    op.run_paged(
+        DevSlice::new(&dq, st),
+        DevSlice::new(&dk, st),
+        DevSlice::new(&dv, st),
+        &desc,
+        DevSlice::new(&di, st),
+        DevSliceMut::new(&mut out, st),
+        Some(DevSliceMut::new(&mut lse, st)),
+        None,
+    )
+    .unwrap();
+    let got = to_f32(&download(&dev, &out));
+    let err = rel_l2_error(&got, &want.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(err <= 1e-2, "{what}: rel err {err}");
+    check_lse(
+        &format!("{what} lse"),
+        &download(&dev, &lse),
+        &want_lse,
+        2e-3,
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_variants_match_their_definitions() {
+    let mut rng = Rng::fresh("variants");
+    let slopes32 = alibi_slopes(32);
+    let sinks32: Vec<f32> = (0..32).map(|_| rng.sym(3.0)).collect();
+    let slopes8 = alibi_slopes(8);
+    let sinks8: Vec<f32> = (0..8).map(|_| rng.sym(3.0)).collect();
+    for bits in 1u32..16 {
+        let on = |b: u32| bits & (1 << b) != 0;
+        for (heads, slopes, sinks) in [
+            (HeadConfig::new(32, 8, 128).unwrap(), &slopes32, &sinks32),
+            (HeadConfig::new(8, 8, 64).unwrap(), &slopes8, &sinks8),
+        ] {
+            let variant = Variant {
+                logits_soft_cap: on(0).then_some(5.0),
+                alibi_slopes: on(1).then_some(slopes.as_slice()),
+                window_left: on(2).then_some(100),
+                sinks: on(3).then_some(sinks.as_slice()),
+                ..Default::default()
+            };
+            for portable in [false, true] {
+                // Prompts, an append over a longer cache, decode-shaped rows, a split short append.
+                run(
+                    &mut rng,
+                    &[300, 57],
+                    &[300, 1057],
+                    heads,
+                    true,
+                    &variant,
+                    portable,
+                );
+                run(
+                    &mut rng,
+                    &[1, 1, 1],
+                    &[700, 1, 33],
+                    heads,
+                    true,
+                    &variant,
+                    portable,
+                );
+                run(
+                    &mut rng,
+                    &[3],
+                    &[5000],
+                    heads,
+                    bits % 2 == 0,
+                    &variant,
+                    portable,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_rejects_rope_until_fused() {
+    let dev = device();
+    let mut op = BatchPrefill::new(
+        &dev,
+        PrefillConfig {
+            heads: HeadConfig::new(8, 2, 64).unwrap(),
+            q_dtype: DType::F16,
+            kv_dtype: DType::F16,
+            params: AttentionParams::default(),
+            mask: PrefillMask::Causal,
+            allow_split: true,
+        },
+    )
+    .unwrap();
+    let v = Variant {
+        rope: Some(Default::default()),
+        ..Default::default()
+    };
+    let e = op.set_variant(&v).unwrap_err();
+    assert!(e.to_string().contains("RoPE"), "{e}");
+}
