@@ -34,6 +34,9 @@ struct DecodeParams {
   float lse_out_scale;        // base-2 lse -> caller's base
 };
 
+// decode/mod.rs asserts the same size for its copy of this struct.
+static_assert(sizeof(DecodeParams) == 136, "DecodeParams must match decode/mod.rs");
+
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
 __device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return (int)blockIdx.x < *p.num_work; }
 

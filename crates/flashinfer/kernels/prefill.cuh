@@ -143,6 +143,9 @@ struct PrefillParams {
   const float* sinks_log2;         // [num_qo_heads] sink logit * log2(e)
 };
 
+// prefill/mod.rs asserts the same size for its copy of this struct.
+static_assert(sizeof(PrefillParams) == 176, "PrefillParams must match prefill/mod.rs");
+
 // Folds a sink (a state with lse `sink` and no value) into an unnormalised row state (m, den,
 // acc): the sink counts once, when the final output of a row is written.
 template <int V>

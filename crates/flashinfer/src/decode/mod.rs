@@ -67,6 +67,9 @@ struct DecodeParams {
     lse_out_scale: f32,
 }
 
+// The kernel static_asserts the same size: a field added on one side only fails to compile.
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 136);
+
 /// What a CUDA-graph-mode decode is sized for: every plan must fit these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GraphLimits {

@@ -89,6 +89,9 @@ struct PrefillParams {
     sinks_log2: u64,
 }
 
+// The kernel static_asserts the same size: a field added on one side only fails to compile.
+const _: () = assert!(std::mem::size_of::<PrefillParams>() == 176);
+
 /// The variant of later plans and runs: what the kernel compiles in, its scalars, and the
 /// per-head tensors (ALiBi slopes, then sinks, both times log2(e)) in device memory.
 #[derive(Default)]
