@@ -62,20 +62,13 @@ pub fn plan_decode(
     let round = |c: usize| c.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
     if allow_split && kv_lens.len() < items_wanted && max_len > MIN_CHUNK {
         // Smallest chunk (a multiple of CHUNK_ALIGN tokens) whose item count fits one wave.
-        let (mut lo, mut hi) = (
-            round(MIN_CHUNK.max(max_len.div_ceil(max_pieces.max(1)))),
-            round(max_len),
+        let hi = super::smallest_chunk(
+            MIN_CHUNK.max(max_len.div_ceil(max_pieces.max(1))),
+            max_len,
+            CHUNK_ALIGN,
+            items_wanted,
+            count,
         );
-        lo = lo.min(hi);
-        while lo < hi {
-            let mid = round((lo + hi) / 2);
-            let mid = if mid >= hi { lo } else { mid };
-            if count(mid) <= items_wanted {
-                hi = mid;
-            } else {
-                lo = mid + CHUNK_ALIGN;
-            }
-        }
         if hi < max_len {
             chunk = Some(hi);
         }

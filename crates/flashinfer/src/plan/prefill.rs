@@ -119,20 +119,13 @@ pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> Prefil
         && max_kv > MIN_KV_CHUNK
     {
         // Smallest chunk (a whole number of kernel KV tiles) whose items fit one wave.
-        let align = shape.kv_tile.max(1);
-        let round = |c: usize| c.div_ceil(align) * align;
-        let mut lo = round(MIN_KV_CHUNK.max(max_kv.div_ceil(shape.max_pieces.max(1))));
-        let mut hi = round(max_kv);
-        lo = lo.min(hi);
-        while lo < hi {
-            let mid = round((lo + hi) / 2);
-            let mid = if mid >= hi { lo } else { mid };
-            if count(mid) <= items_wanted {
-                hi = mid;
-            } else {
-                lo = mid + align;
-            }
-        }
+        let hi = super::smallest_chunk(
+            MIN_KV_CHUNK.max(max_kv.div_ceil(shape.max_pieces.max(1))),
+            max_kv,
+            shape.kv_tile.max(1),
+            items_wanted,
+            count,
+        );
         if hi < max_kv {
             chunk = Some(hi);
         }
