@@ -32,10 +32,7 @@ pub(crate) fn attend_batch<Q: Element, KV: Element, S: KvSource<KV>>(
     lse: Option<&mut [f32]>,
 ) {
     let (num_qo_heads, dim, group) = (heads.num_qo_heads, heads.head_dim, heads.group_size());
-    let mut request_of_token = Vec::with_capacity(qo.total());
-    for r in 0..qo.batch_size() {
-        request_of_token.extend(std::iter::repeat_n(r, qo.len(r)));
-    }
+    let request_of_token = request_of_token(qo);
     par_rows(out, lse, dim, |row, scratch, o| {
         let (token, h) = (row / num_qo_heads, row % num_qo_heads);
         let request = request_of_token[token];
@@ -52,6 +49,58 @@ pub(crate) fn attend_batch<Q: Element, KV: Element, S: KvSource<KV>>(
         );
         lse_base.from_log2(lse2)
     });
+}
+
+/// The request each query row of `qo` belongs to.
+pub(crate) fn request_of_token(qo: &Ragged) -> Vec<usize> {
+    let mut v = Vec::with_capacity(qo.total());
+    for r in 0..qo.batch_size() {
+        v.extend(std::iter::repeat_n(r, qo.len(r)));
+    }
+    v
+}
+
+/// Validates the arguments of a batch attention over a paged KV cache (shapes as
+/// [`batch_prefill_paged`]) and returns the base-2 scale.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_batch_paged<Q: Element, KV: Element>(
+    q: &[Q],
+    qo_indptr: &Ragged,
+    kv: &PagedKv<'_, KV>,
+    table: &PageTable,
+    heads: &HeadConfig,
+    mask: MaskMode<'_>,
+    params: &AttentionParams,
+    out: &[Q],
+    lse: &Option<&mut [f32]>,
+) -> Result<f32> {
+    check_heads(heads)?;
+    let scale = scale_log2(params, heads.head_dim)?;
+    let (hq, d) = (heads.num_qo_heads, heads.head_dim);
+    let batch = qo_indptr.batch_size();
+    ensure(table.batch_size() == batch, "kv_indptr", || {
+        format!(
+            "the page table has {} requests, qo_indptr has {batch}",
+            table.batch_size()
+        )
+    })?;
+    check_paged(kv, table, heads)?;
+    let nnz = qo_indptr.total();
+    check_buf(
+        "q",
+        q.len(),
+        &[nnz, hq, d],
+        "[nnz_qo, num_qo_heads, head_dim]",
+    )?;
+    check_buf(
+        "out",
+        out.len(),
+        &[nnz, hq, d],
+        "[nnz_qo, num_qo_heads, head_dim]",
+    )?;
+    check_lse(lse, &[nnz, hq], "[nnz_qo, num_qo_heads]")?;
+    check_mask(mask, batch, true, |i| qo_indptr.len(i), |i| table.kv_len(i))?;
+    Ok(scale)
 }
 
 /// Prefill of one request over contiguous K/V.
@@ -148,32 +197,7 @@ pub fn batch_prefill_paged<Q: Element, KV: Element>(
     out: &mut [Q],
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    check_heads(&heads)?;
-    let scale = scale_log2(params, heads.head_dim)?;
-    let (hq, d) = (heads.num_qo_heads, heads.head_dim);
-    let batch = qo_indptr.batch_size();
-    ensure(table.batch_size() == batch, "kv_indptr", || {
-        format!(
-            "the page table has {} requests, qo_indptr has {batch}",
-            table.batch_size()
-        )
-    })?;
-    check_paged(kv, table, &heads)?;
-    let nnz = qo_indptr.total();
-    check_buf(
-        "q",
-        q.len(),
-        &[nnz, hq, d],
-        "[nnz_qo, num_qo_heads, head_dim]",
-    )?;
-    check_buf(
-        "out",
-        out.len(),
-        &[nnz, hq, d],
-        "[nnz_qo, num_qo_heads, head_dim]",
-    )?;
-    check_lse(&lse, &[nnz, hq], "[nnz_qo, num_qo_heads]")?;
-    check_mask(mask, batch, true, |i| qo_indptr.len(i), |i| table.kv_len(i))?;
+    let scale = check_batch_paged(q, qo_indptr, kv, table, &heads, mask, params, out, &lse)?;
 
     let source = PagedSource { kv, table };
     attend_batch(

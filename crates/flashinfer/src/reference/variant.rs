@@ -4,10 +4,10 @@
 //! per request).
 
 use super::attend::{dot_f32, par_rows};
-use super::check::{check_buf, check_heads, check_lse, check_mask, check_paged, scale_log2};
 use super::mask::RowMask;
+use super::prefill::{check_batch_paged, request_of_token};
 use crate::dtype::Element;
-use crate::error::{ensure, Result};
+use crate::error::Result;
 use crate::layout::{HeadConfig, PageTable, PagedKv, Ragged};
 use crate::params::{AttentionParams, MaskMode};
 use crate::variant::{rope_rotate, Variant};
@@ -28,39 +28,11 @@ pub fn batch_attention_paged<Q: Element, KV: Element>(
     out: &mut [Q],
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    check_heads(&heads)?;
-    scale_log2(params, heads.head_dim)?;
+    check_batch_paged(q, qo_indptr, kv, table, &heads, mask, params, out, &lse)?;
+    variant.validate(&heads, qo_indptr.batch_size())?;
     let sm_scale = params.scale(heads.head_dim);
     let (hq, d) = (heads.num_qo_heads, heads.head_dim);
-    let batch = qo_indptr.batch_size();
-    ensure(table.batch_size() == batch, "kv_indptr", || {
-        format!(
-            "the page table has {} requests, qo_indptr has {batch}",
-            table.batch_size()
-        )
-    })?;
-    check_paged(kv, table, &heads)?;
-    variant.validate(&heads, batch)?;
-    let nnz = qo_indptr.total();
-    check_buf(
-        "q",
-        q.len(),
-        &[nnz, hq, d],
-        "[nnz_qo, num_qo_heads, head_dim]",
-    )?;
-    check_buf(
-        "out",
-        out.len(),
-        &[nnz, hq, d],
-        "[nnz_qo, num_qo_heads, head_dim]",
-    )?;
-    check_lse(&lse, &[nnz, hq], "[nnz_qo, num_qo_heads]")?;
-    check_mask(mask, batch, true, |i| qo_indptr.len(i), |i| table.kv_len(i))?;
-
-    let mut request_of_token = Vec::with_capacity(nnz);
-    for r in 0..batch {
-        request_of_token.extend(std::iter::repeat_n(r, qo_indptr.len(r)));
-    }
+    let request_of_token = request_of_token(qo_indptr);
     let group = heads.group_size();
     let log2e = std::f32::consts::LOG2_E;
     par_rows(out, lse, d, |row, _scratch, o| {
