@@ -82,8 +82,9 @@ impl Variant<'_> {
         }
     }
 
-    /// Checks the parameters and tensor lengths against the heads and the batch size.
-    pub fn validate(&self, heads: &HeadConfig, batch: usize) -> Result<()> {
+    /// Checks the parameters and tensor lengths against the heads and, when it is known
+    /// (`Some`), the batch size (the length of `rope_offsets`).
+    pub fn validate(&self, heads: &HeadConfig, batch: Option<usize>) -> Result<()> {
         if let Some(c) = self.logits_soft_cap {
             ensure(c.is_finite() && c > 0.0, "logits_soft_cap", || {
                 format!("{c} must be finite and positive")
@@ -118,9 +119,11 @@ impl Variant<'_> {
             ensure(self.rope.is_some(), "rope_offsets", || {
                 "given without rope".into()
             })?;
-            ensure(o.len() == batch, "rope_offsets", || {
-                format!("has {} entries, the batch has {batch} requests", o.len())
-            })?;
+            if let Some(batch) = batch {
+                ensure(o.len() == batch, "rope_offsets", || {
+                    format!("has {} entries, the batch has {batch} requests", o.len())
+                })?;
+            }
         }
         Ok(())
     }
@@ -269,7 +272,7 @@ mod tests {
             ..Default::default()
         };
         assert!(v
-            .validate(&h, 1)
+            .validate(&h, Some(1))
             .unwrap_err()
             .to_string()
             .contains("alibi_slopes"));
@@ -278,7 +281,7 @@ mod tests {
             ..Default::default()
         };
         assert!(v
-            .validate(&h, 1)
+            .validate(&h, Some(1))
             .unwrap_err()
             .to_string()
             .contains("logits_soft_cap"));
@@ -288,7 +291,7 @@ mod tests {
             ..Default::default()
         };
         assert!(v
-            .validate(&h, 2)
+            .validate(&h, Some(2))
             .unwrap_err()
             .to_string()
             .contains("rope_offsets"));

@@ -237,14 +237,6 @@ impl BatchPrefill {
     /// device here, once. RoPE is not fused into the GPU kernels yet: a typed error.
     pub fn set_variant(&mut self, variant: &Variant<'_>) -> Result<()> {
         let h = self.cfg.heads;
-        variant.validate(&h, 0).or_else(|e| match e {
-            // The batch is not known yet; offsets only exist with RoPE, rejected below.
-            crate::Error::InvalidArgument {
-                arg: "rope_offsets",
-                ..
-            } => Ok(()),
-            e => Err(e),
-        })?;
         if variant.rope.is_some() || variant.rope_offsets.is_some() {
             return Err(crate::Error::Unsupported(
                 "RoPE fused into the prefill kernel is not implemented yet; apply it to q and k \
@@ -252,6 +244,8 @@ impl BatchPrefill {
                     .into(),
             ));
         }
+        // The batch is not known yet: offsets (RoPE only) are rejected above.
+        variant.validate(&h, None)?;
         if let Some(w) = variant.window_left {
             ensure(w < i32::MAX as usize, "window_left", || {
                 format!("{w} exceeds i32::MAX")
@@ -673,11 +667,11 @@ impl BatchPrefill {
         }
         let ws = self.workspace.ptr();
         let div = fast_div_params(kv.page_size);
-        let per_head = self
-            .variant
-            .per_head
-            .as_ref()
-            .map_or(0, |b| DevSlice::new(b, self.dev.stream()).ptr());
+        // The per-head tensors: slopes, then sinks (null pointers for a plain kernel).
+        let (alibi_slopes_log2, sinks_log2) = self.variant.per_head.as_ref().map_or((0, 0), |b| {
+            let base = DevSlice::new(b, self.dev.stream()).ptr();
+            (base, base + (h.num_qo_heads * 4) as u64)
+        });
         let params = PrefillParams {
             q: q.ptr(),
             k: kv.k,
@@ -708,8 +702,8 @@ impl BatchPrefill {
             },
             softcap_out: self.variant.soft_cap * std::f32::consts::LOG2_E,
             window_left: self.variant.window_left as i32,
-            alibi_slopes_log2: per_head,
-            sinks_log2: per_head + (h.num_qo_heads * 4) as u64 * u64::from(per_head != 0),
+            alibi_slopes_log2,
+            sinks_log2,
         };
         let f = self
             .kernels

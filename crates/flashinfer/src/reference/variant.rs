@@ -29,7 +29,7 @@ pub fn batch_attention_paged<Q: Element, KV: Element>(
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
     check_batch_paged(q, qo_indptr, kv, table, &heads, mask, params, out, &lse)?;
-    variant.validate(&heads, qo_indptr.batch_size())?;
+    variant.validate(&heads, Some(qo_indptr.batch_size()))?;
     let sm_scale = params.scale(heads.head_dim);
     let (hq, d) = (heads.num_qo_heads, heads.head_dim);
     let request_of_token = request_of_token(qo_indptr);
