@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 use crate::cuda::{DevSlice, DevSliceMut, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, invalid, Result};
-use crate::layout::{Bsr, HeadConfig, KvLayout, PagedKvDesc};
+use crate::layout::{Bsr, HeadConfig, PagedKvDesc};
 use crate::params::AttentionParams;
 use crate::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask};
 
@@ -92,13 +92,7 @@ impl BlockSparseAttention {
             .map(|m| bsr.block_mask_as_custom(&paged, m))
             .transpose()?;
         let h = self.cfg.heads;
-        let desc = PagedKvDesc::new(
-            KvLayout::Nhd,
-            bsr.num_cols / bsr.block_cols,
-            bsr.block_cols,
-            h.num_kv_heads,
-            h.head_dim,
-        )?;
+        let desc = bsr.key_pool(h.num_kv_heads, h.head_dim)?;
         let stream = self.dev.stream().clone();
         let ids: Vec<i32> = paged
             .table

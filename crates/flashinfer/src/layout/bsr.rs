@@ -89,13 +89,7 @@ impl Bsr {
     pub fn dense_mask(&self, block_mask: Option<&[bool]>) -> Result<Vec<bool>> {
         let (r, c) = (self.block_rows, self.block_cols);
         if let Some(bm) = block_mask {
-            ensure(bm.len() == self.indices.len() * r * c, "block_mask", || {
-                format!(
-                    "has {} entries, expected nnz {} x R {r} x C {c}",
-                    bm.len(),
-                    self.indices.len()
-                )
-            })?;
+            self.check_block_mask(bm)?;
         }
         let mut m = vec![false; self.num_rows * self.num_cols];
         for i in 0..self.num_block_rows() {
@@ -173,13 +167,20 @@ impl Bsr {
         })
     }
 
-    /// Packs per-block masks (`[nnz, R, C]` in this BSR's order, `true` = visible) into the
-    /// per-request custom mask of [`Bsr::as_paged`]'s batch.
-    pub fn block_mask_as_custom(
-        &self,
-        paged: &BsrAsPaged,
-        block_mask: &[bool],
-    ) -> Result<super::CustomMask> {
+    /// The key tensor `[num_cols, num_kv_heads, head_dim]` seen as the page pool of
+    /// [`Bsr::as_paged`]: `num_cols / C` NHD pages of `C` tokens.
+    pub fn key_pool(&self, num_kv_heads: usize, head_dim: usize) -> Result<super::PagedKvDesc> {
+        super::PagedKvDesc::new(
+            super::KvLayout::Nhd,
+            self.num_cols / self.block_cols,
+            self.block_cols,
+            num_kv_heads,
+            head_dim,
+        )
+    }
+
+    /// Checks that per-block masks hold `nnz x R x C` entries.
+    fn check_block_mask(&self, block_mask: &[bool]) -> Result<()> {
         let (r, c) = (self.block_rows, self.block_cols);
         ensure(
             block_mask.len() == self.indices.len() * r * c,
@@ -191,7 +192,18 @@ impl Bsr {
                     self.indices.len()
                 )
             },
-        )?;
+        )
+    }
+
+    /// Packs per-block masks (`[nnz, R, C]` in this BSR's order, `true` = visible) into the
+    /// per-request custom mask of [`Bsr::as_paged`]'s batch.
+    pub fn block_mask_as_custom(
+        &self,
+        paged: &BsrAsPaged,
+        block_mask: &[bool],
+    ) -> Result<super::CustomMask> {
+        let (r, c) = (self.block_rows, self.block_cols);
+        self.check_block_mask(block_mask)?;
         let batch = paged.qo_indptr.batch_size();
         let qo_lens = paged.qo_indptr.lens();
         let kv_lens = paged.table.kv_lens();

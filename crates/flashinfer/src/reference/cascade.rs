@@ -8,9 +8,7 @@ use super::merge::merge_state_in_place;
 use super::prefill::{batch_prefill_paged, single_prefill};
 use crate::dtype::Element;
 use crate::error::{ensure, Result};
-use crate::layout::{
-    Bsr, CustomMask, HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged,
-};
+use crate::layout::{Bsr, CustomMask, HeadConfig, PageTable, PagedKv, Ragged};
 use crate::params::{AttentionParams, MaskMode};
 
 /// Multi-level cascade attention: `levels[l] = (qo_indptr, table)` groups the rows of `q` and
@@ -83,13 +81,7 @@ pub fn block_sparse<Q: Element, KV: Element>(
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
     let paged = bsr.as_paged()?;
-    let desc = PagedKvDesc::new(
-        KvLayout::Nhd,
-        bsr.num_cols / bsr.block_cols,
-        bsr.block_cols,
-        heads.num_kv_heads,
-        heads.head_dim,
-    )?;
+    let desc = bsr.key_pool(heads.num_kv_heads, heads.head_dim)?;
     let pool = PagedKv::new(desc, k, v)?;
     let mask = block_mask
         .map(|m| bsr.block_mask_as_custom(&paged, m))
