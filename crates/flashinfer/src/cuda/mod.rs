@@ -15,4 +15,4 @@ pub use device::{Device, DeviceInfo};
 pub use graph::Graph;
 pub use launch::{launch, LaunchConfig};
 pub use tensor::{DevSlice, DevSliceMut, DeviceRepr};
-pub use workspace::{PlanItem, Workspace};
+pub use workspace::{PlanItem, PlanLayout, Workspace};

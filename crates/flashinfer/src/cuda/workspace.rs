@@ -71,18 +71,51 @@ impl Workspace {
 /// that its bytes can be read as `u8`.
 pub unsafe trait PlanItem: Copy {}
 
+/// Byte offsets of a plan inside its workspace, each piece 256-byte aligned: the number of work
+/// items (one `i32`, read by every block), the work list, the arrival counters of split work
+/// (`i32`, zero between runs), then the partial states' outputs and LSEs (`f32`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanLayout {
+    pub num_work: usize,
+    pub work: usize,
+    pub counters: usize,
+    pub partial_o: usize,
+    pub partial_lse: usize,
+    /// Bytes the plan needs.
+    pub total: usize,
+}
+
+impl PlanLayout {
+    /// Room for `work_bytes` of work items, `counters` counters and `partial_o` / `partial_lse`
+    /// floats of partial states.
+    pub fn new(work_bytes: usize, counters: usize, partial_o: usize, partial_lse: usize) -> Self {
+        let align = |x: usize| x.div_ceil(256) * 256;
+        let work = 256;
+        let counters_at = work + align(work_bytes);
+        let partial_o_at = counters_at + align(counters * 4);
+        let partial_lse_at = partial_o_at + align(partial_o * 4);
+        PlanLayout {
+            num_work: 0,
+            work,
+            counters: counters_at,
+            partial_o: partial_o_at,
+            partial_lse: partial_lse_at,
+            total: partial_lse_at + align(partial_lse * 4),
+        }
+    }
+}
+
 impl Workspace {
     /// Writes a plan into the workspace with one host-to-device copy on `stream`: the number of
-    /// items as an `i32` at byte `count_at`, the items at byte `items_at`, and zeros everywhere
-    /// else up to byte `len` (counters that kernels expect zeroed).
+    /// items and the items where `layout` puts them, and zeros everywhere else up to the partial
+    /// states (the counters, which kernels expect zeroed).
     pub fn upload_plan<T: PlanItem>(
         &self,
         stream: &CudaStream,
-        count_at: usize,
-        items_at: usize,
+        layout: &PlanLayout,
         items: &[T],
-        len: usize,
     ) -> Result<()> {
+        let (count_at, items_at, len) = (layout.num_work, layout.work, layout.partial_o);
         let item_bytes = std::mem::size_of_val(items);
         let count = i32::try_from(items.len()).map_err(|_| {
             crate::error::invalid("items", format!("{} work items is too many", items.len()))
@@ -112,5 +145,26 @@ impl Workspace {
             .result()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_layout_pieces_are_aligned_in_order_and_disjoint() {
+        let l = PlanLayout::new(28 * 5, 7, 3 * 128, 3);
+        assert_eq!((l.num_work, l.work), (0, 256));
+        assert_eq!(l.counters, 256 + 256);
+        assert_eq!(l.partial_o, l.counters + 256);
+        assert_eq!(l.partial_lse, l.partial_o + 3 * 128 * 4); // 1536 bytes, already aligned
+        assert_eq!(l.total, l.partial_lse + 256);
+        for x in [l.work, l.counters, l.partial_o, l.partial_lse, l.total] {
+            assert_eq!(x % 256, 0);
+        }
+        // Nothing split: no counters, no partial states.
+        let l = PlanLayout::new(0, 0, 0, 0);
+        assert_eq!((l.counters, l.partial_o, l.total), (256, 256, 256));
     }
 }

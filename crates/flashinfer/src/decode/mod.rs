@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, Workspace};
+use crate::cuda::{
+    launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, PlanLayout, Workspace,
+};
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
@@ -86,37 +88,15 @@ struct GraphShape {
     max_work: usize,
 }
 
-/// Byte offsets of the plan's pieces inside the workspace.
-#[derive(Clone, Copy, Debug, Default)]
-struct WorkspaceLayout {
-    /// The number of work items (one i32), read by every block.
-    num_work: usize,
-    work: usize,
-    /// One arrival counter per (request, KV head), zero between runs.
-    counters: usize,
-    partial_o: usize,
-    partial_lse: usize,
-    total: usize,
-}
-
-fn align(x: usize) -> usize {
-    x.div_ceil(256) * 256
-}
-
-impl WorkspaceLayout {
-    /// Room for `work` items, `batch` requests and `partial` partial states.
-    fn new(work: usize, batch: usize, partial: usize, h: HeadConfig) -> Self {
-        let mut l = WorkspaceLayout {
-            num_work: 0,
-            work: 256,
-            ..Default::default()
-        };
-        l.counters = l.work + align(work * std::mem::size_of::<DecodeWork>());
-        l.partial_o = l.counters + align(batch * h.num_kv_heads * 4);
-        l.partial_lse = l.partial_o + align(partial * h.num_qo_heads * h.head_dim * 4);
-        l.total = l.partial_lse + align(partial * h.num_qo_heads * 4);
-        l
-    }
+/// Where a plan for `work` items, `batch` requests and `partial` partial states lives in the
+/// workspace: one arrival counter per (request, KV head), a partial state per (slot, query head).
+fn plan_layout(work: usize, batch: usize, partial: usize, h: HeadConfig) -> PlanLayout {
+    PlanLayout::new(
+        work * std::mem::size_of::<DecodeWork>(),
+        batch * h.num_kv_heads,
+        partial * h.num_qo_heads * h.head_dim,
+        partial * h.num_qo_heads,
+    )
 }
 
 /// A planned batch decode.
@@ -127,7 +107,7 @@ pub struct BatchDecode {
     decode_fn: KernelFunction,
     workspace: Workspace,
     schedule: DecodeSchedule,
-    layout: WorkspaceLayout,
+    layout: PlanLayout,
     batch_size: usize,
     page_size: usize,
     kv_indices_len: usize,
@@ -176,7 +156,7 @@ impl BatchDecode {
             decode_fn,
             workspace,
             schedule: DecodeSchedule::default(),
-            layout: WorkspaceLayout::default(),
+            layout: PlanLayout::default(),
             batch_size: 0,
             page_size: 0,
             kv_indices_len: 0,
@@ -204,7 +184,7 @@ impl BatchDecode {
         // The planner makes one item per request, or (when it splits) at most one wave of items
         // plus one per request (plan/decode.rs).
         let max_work = limits.max_batch + (op.wave() / cfg.heads.num_kv_heads).max(1);
-        op.layout = WorkspaceLayout::new(max_work, limits.max_batch, max_work, cfg.heads);
+        op.layout = plan_layout(max_work, limits.max_batch, max_work, cfg.heads);
         op.workspace = Workspace::new(dev.stream(), op.layout.total)?;
         op.graph = Some(GraphShape { limits, max_work });
         Ok(op)
@@ -306,7 +286,7 @@ impl BatchDecode {
                 self.layout
             }
             None => {
-                let l = WorkspaceLayout::new(s.work.len(), table.batch_size(), s.num_partial, h);
+                let l = plan_layout(s.work.len(), table.batch_size(), s.num_partial, h);
                 if l.total > self.workspace.bytes() {
                     self.workspace =
                         Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
@@ -315,8 +295,7 @@ impl BatchDecode {
             }
         };
         // The item count, the work list and the zeroed counters, in one transfer.
-        self.workspace
-            .upload_plan(self.dev.stream(), l.num_work, l.work, &s.work, l.partial_o)?;
+        self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
         self.schedule = s;
         self.layout = l;
         self.batch_size = table.batch_size();

@@ -22,7 +22,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use crate::cuda::{launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, Workspace};
+use crate::cuda::{
+    launch, DevSlice, DevSliceMut, Device, LaunchConfig, PlanItem, PlanLayout, Workspace,
+};
 use crate::decode::fast_div_params;
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, invalid, Result};
@@ -103,35 +105,16 @@ struct VariantState {
     per_head: Option<CudaSlice<f32>>,
 }
 
-/// Byte offsets of a plan's pieces inside the workspace.
-#[derive(Clone, Copy, Debug, Default)]
-struct WorkspaceLayout {
-    num_work: usize,
-    work: usize,
-    counters: usize,
-    partial_o: usize,
-    partial_lse: usize,
-    total: usize,
-}
-
-fn align(x: usize) -> usize {
-    x.div_ceil(256) * 256
-}
-
-impl WorkspaceLayout {
-    fn new(s: &PrefillSchedule, tiles: &PrefillTiles, h: HeadConfig) -> Self {
-        let rows = s.num_partial * h.num_kv_heads * tiles.cta_q();
-        let mut l = WorkspaceLayout {
-            num_work: 0,
-            work: 256,
-            ..Default::default()
-        };
-        l.counters = l.work + align(s.work.len() * std::mem::size_of::<PrefillWork>());
-        l.partial_o = l.counters + align(s.num_counters * h.num_kv_heads * 4);
-        l.partial_lse = l.partial_o + align(rows * h.head_dim * 4);
-        l.total = l.partial_lse + align(rows * 4);
-        l
-    }
+/// Where a plan lives in the workspace: one arrival counter per (split tile, KV head), a partial
+/// state per (slot, KV head, tile row).
+fn plan_layout(s: &PrefillSchedule, tiles: &PrefillTiles, h: HeadConfig) -> PlanLayout {
+    let rows = s.num_partial * h.num_kv_heads * tiles.cta_q();
+    PlanLayout::new(
+        s.work.len() * std::mem::size_of::<PrefillWork>(),
+        s.num_counters * h.num_kv_heads,
+        rows * h.head_dim,
+        rows,
+    )
 }
 
 /// What the last `plan()` fixed, and `run()` checks the tensors against.
@@ -153,7 +136,7 @@ pub struct BatchPrefill {
     kernels: HashMap<PrefillTiles, KernelFunction>,
     workspace: Workspace,
     schedule: PrefillSchedule,
-    layout: WorkspaceLayout,
+    layout: PlanLayout,
     planned: Planned,
     /// Forces a tile shape (benchmarks, batch-invariant mode); `None` lets `plan()` choose.
     forced_tiles: Option<PrefillTiles>,
@@ -190,7 +173,7 @@ impl BatchPrefill {
             kernels: HashMap::new(),
             workspace: Workspace::new(dev.stream(), 1 << 20)?,
             schedule: PrefillSchedule::default(),
-            layout: WorkspaceLayout::default(),
+            layout: PlanLayout::default(),
             planned: Planned::default(),
             forced_tiles: None,
             fixed_kv_chunk: None,
@@ -471,13 +454,12 @@ impl BatchPrefill {
             || "the batch needs more blocks than one launch allows".into(),
         )?;
         self.kernel(&tiles)?;
-        let l = WorkspaceLayout::new(&s, &tiles, h);
+        let l = plan_layout(&s, &tiles, h);
         if l.total > self.workspace.bytes() {
             self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
         }
         // The item count, the work list and the zeroed counters, in one transfer.
-        self.workspace
-            .upload_plan(self.dev.stream(), l.num_work, l.work, &s.work, l.partial_o)?;
+        self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
         self.schedule = s;
         self.layout = l;
         self.planned = Planned {
