@@ -54,8 +54,9 @@ enum Command {
     },
     /// Timed, checked benchmarks on the GPU.
     Bench {
+        // Boxed: the benchmarks' argument blocks are large next to the other commands'.
         #[command(subcommand)]
-        cmd: bench::BenchCmd,
+        cmd: Box<bench::BenchCmd>,
     },
 }
 
@@ -88,7 +89,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Warmup(args) => warmup::run(&args),
         Command::Cache { cmd } => cache::run(&cmd),
-        Command::Bench { cmd } => bench::run(cmd),
+        Command::Bench { cmd } => bench::run(*cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice};
 
 use crate::cuda::{DevSlice, DevSliceMut, Device};
 use crate::dtype::{DType, Element};
@@ -21,7 +22,7 @@ use crate::error::{ensure, invalid, Result};
 use crate::layout::{HeadConfig, PageTable, PagedKvDesc, Ragged};
 use crate::merge::merge_state_in_place;
 use crate::params::AttentionParams;
-use crate::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask};
+use crate::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask, PrefillTiles};
 
 /// Static configuration of a cascade (one per model layer shape).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,18 +44,33 @@ pub struct CascadeLevel<'a> {
 }
 
 /// A planned multi-level cascade attention.
+///
+/// The levels are independent until they are merged, so level 0 runs on the caller's stream and
+/// the later levels on a second stream of the same context, concurrently: a shared prefix is
+/// compute-bound (all of a group's queries against its keys) while a request's own keys are a
+/// memory-bound decode, and the second fills the SM resources the first leaves free. The merges
+/// then run on the caller's stream in level order, so results do not depend on the overlap. Both
+/// streams are joined by events, which CUDA-graph capture follows.
 pub struct MultiLevelCascade {
     dev: Arc<Device>,
+    /// The handle levels 1.. launch on (a second stream), with the fork and join events.
+    side: Option<SideStream>,
     cfg: CascadeConfig,
     levels: Vec<BatchPrefill>,
     rows: usize,
     kv_indices_lens: Vec<usize>,
-    /// A level's output and LSE before it is merged (bytes: rows x heads x dim of the dtype).
-    tmp_o: Option<CudaSlice<u8>>,
-    tmp_lse: Option<CudaSlice<f32>>,
+    /// Each later level's output and LSE before it is merged (bytes: rows x heads x dim of the
+    /// dtype; floats: rows x heads).
+    level_states: Vec<(CudaSlice<u8>, CudaSlice<f32>)>,
     /// The running LSE when the caller asks for none.
     own_lse: Option<CudaSlice<f32>>,
     planned: bool,
+}
+
+struct SideStream {
+    dev: Arc<Device>,
+    fork: CudaEvent,
+    join: CudaEvent,
 }
 
 impl MultiLevelCascade {
@@ -62,10 +78,24 @@ impl MultiLevelCascade {
         ensure(cfg.num_levels >= 1, "num_levels", || {
             "a cascade has at least one level".into()
         })?;
+        let side = if cfg.num_levels > 1 {
+            let ctx = dev.context();
+            let no_timing = Some(CUevent_flags::CU_EVENT_DISABLE_TIMING);
+            Some(SideStream {
+                dev: dev.with_stream(ctx.new_stream()?)?,
+                fork: ctx.new_event(no_timing)?,
+                join: ctx.new_event(no_timing)?,
+            })
+        } else {
+            None
+        };
         let levels = (0..cfg.num_levels)
             .map(|l| {
                 BatchPrefill::new(
-                    dev,
+                    match &side {
+                        Some(s) if l > 0 => &s.dev,
+                        _ => dev,
+                    },
                     PrefillConfig {
                         heads: cfg.heads,
                         q_dtype: cfg.dtype,
@@ -83,15 +113,33 @@ impl MultiLevelCascade {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             dev: dev.clone(),
+            side,
             cfg,
             levels,
             rows: 0,
             kv_indices_lens: Vec::new(),
-            tmp_o: None,
-            tmp_lse: None,
+            level_states: Vec::new(),
             own_lse: None,
             planned: false,
         })
+    }
+
+    /// Forces level `level`'s kernel specialisation (`None`: the engine's choice again); for
+    /// tuning and benchmarks. Takes effect at the next `plan()`.
+    pub fn force_tiles(&mut self, level: usize, tiles: Option<PrefillTiles>) -> Result<()> {
+        let n = self.levels.len();
+        let op = self
+            .levels
+            .get_mut(level)
+            .ok_or_else(|| invalid("level", format!("is {level}, the cascade has {n} levels")))?;
+        op.force_tiles(tiles)?;
+        self.planned = false;
+        Ok(())
+    }
+
+    /// The specialisation level `level` runs (after `plan()`).
+    pub fn tiles(&self, level: usize) -> Option<PrefillTiles> {
+        self.levels.get(level).and_then(|op| op.tiles())
     }
 
     /// Plans a step: one [`CascadeLevel`] per configured level, all over the same query rows.
@@ -131,10 +179,25 @@ impl MultiLevelCascade {
         let o_bytes = rows * h.num_qo_heads * h.head_dim * self.cfg.dtype.size_bytes();
         let lse_len = rows * h.num_qo_heads;
         let stream = self.dev.stream();
-        if self.cfg.num_levels > 1 && self.tmp_o.as_ref().is_none_or(|b| b.len() < o_bytes) {
-            // SAFETY: written by a level's kernel before the merge reads it.
-            self.tmp_o = Some(unsafe { stream.alloc::<u8>(o_bytes.max(16)) }?);
-            self.tmp_lse = Some(unsafe { stream.alloc::<f32>(lse_len.max(1)) }?);
+        let too_small = |st: &(CudaSlice<u8>, CudaSlice<f32>)| st.0.len() < o_bytes.max(16);
+        if self.cfg.num_levels > 1
+            && (self.level_states.len() + 1 < self.cfg.num_levels
+                || self.level_states.iter().any(too_small))
+        {
+            // Make sure no earlier step still uses the buffers being replaced.
+            stream.synchronize()?;
+            self.level_states = (1..self.cfg.num_levels)
+                .map(|_| -> Result<_> {
+                    // SAFETY: written by the level's kernel before the merge reads it.
+                    unsafe {
+                        Ok((
+                            stream.alloc::<u8>(o_bytes.max(16))?,
+                            stream.alloc::<f32>(lse_len.max(1))?,
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: written by level 0 before anything reads it.
             self.own_lse = Some(unsafe { stream.alloc::<f32>(lse_len.max(1)) }?);
         }
         self.rows = rows;
@@ -189,8 +252,33 @@ impl MultiLevelCascade {
         });
         // The running state: the caller's LSE, or ours.
         let mut lse = lse.or(own_lse.take());
-        // Level 0 writes the running state directly; each later level writes its own state and
-        // is merged into the running one. Every launch validates its tensors before it runs.
+        let Some(side) = &self.side else {
+            // One level: it writes the result directly.
+            return self.levels[0].run_paged(q, k_cache, v_cache, kv, kv_indices[0], o, lse, None);
+        };
+        let states: Vec<(u64, u64)> = self
+            .level_states
+            .iter_mut()
+            .map(|(a, b)| {
+                (
+                    DevSliceMut::new(a, &stream).ptr(),
+                    DevSliceMut::new(b, &stream).ptr(),
+                )
+            })
+            .collect();
+        // SAFETY (the views below): each state buffer holds at least n elements of T and lse_len
+        // floats (sized by plan() for these rows; allocations are 256-byte aligned); they are
+        // owned by self, written by their level's kernel on the side stream, and read by the
+        // merges on our stream after the join.
+        let level_o = |i: usize| unsafe { DevSliceMut::<T>::from_raw(states[i].0, n) };
+        let level_lse = |i: usize| unsafe { DevSliceMut::<f32>::from_raw(states[i].1, lse_len) };
+        let read_o = |i: usize| unsafe { DevSlice::<T>::from_raw(states[i].0, n) };
+        let read_lse = |i: usize| unsafe { DevSlice::<f32>::from_raw(states[i].1, lse_len) };
+
+        // Fork: the side stream starts after everything already queued on ours (the previous
+        // step's merges read these buffers). Level 0 is launched first so that its (usually
+        // larger) grid is placed first; the later levels fill what it leaves free.
+        side.fork.record(&stream)?;
         self.levels[0].run_paged(
             q,
             k_cache,
@@ -201,43 +289,31 @@ impl MultiLevelCascade {
             lse.as_mut().map(|l| l.reborrow()),
             None,
         )?;
-        if self.cfg.num_levels == 1 {
-            return Ok(());
+        side.dev.stream().wait(&side.fork)?;
+        for (i, (level, &ids)) in self.levels.iter().zip(kv_indices).skip(1).enumerate() {
+            level.run_paged(
+                q,
+                k_cache,
+                v_cache,
+                kv,
+                ids,
+                level_o(i),
+                Some(level_lse(i)),
+                None,
+            )?;
         }
-        let (tmp_o_ptr, tmp_lse_ptr) = match (&mut self.tmp_o, &mut self.tmp_lse) {
-            (Some(a), Some(b)) => (
-                DevSliceMut::new(a, &stream).ptr(),
-                DevSliceMut::new(b, &stream).ptr(),
-            ),
-            _ => return Err(invalid("self", "the plan allocated no level buffers")),
-        };
+        side.join.record(side.dev.stream())?;
+        stream.wait(&side.join)?;
         let running_lse = lse
             .as_mut()
             .ok_or_else(|| invalid("self", "no running LSE"))?;
-        for (level, &ids) in self.levels.iter().zip(kv_indices).skip(1) {
-            // SAFETY: tmp_o holds at least n elements of T and tmp_lse lse_len floats (sized by
-            // plan() for these rows; allocations are 256-byte aligned); both are owned by self
-            // and used only on this stream, written by the level's kernel before the merge reads.
-            let (level_o, level_lse) = unsafe {
-                (
-                    DevSliceMut::<T>::from_raw(tmp_o_ptr, n),
-                    DevSliceMut::<f32>::from_raw(tmp_lse_ptr, lse_len),
-                )
-            };
-            level.run_paged(q, k_cache, v_cache, kv, ids, level_o, Some(level_lse), None)?;
-            // SAFETY: the same two buffers, now read-only.
-            let (level_o, level_lse) = unsafe {
-                (
-                    DevSlice::<T>::from_raw(tmp_o_ptr, n),
-                    DevSlice::<f32>::from_raw(tmp_lse_ptr, lse_len),
-                )
-            };
+        for i in 0..states.len() {
             merge_state_in_place(
                 &self.dev,
                 o.reborrow(),
                 running_lse.reborrow(),
-                level_o,
-                level_lse,
+                read_o(i),
+                read_lse(i),
                 None,
                 h.num_qo_heads,
                 h.head_dim,

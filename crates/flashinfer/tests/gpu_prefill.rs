@@ -202,7 +202,7 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
     let mut vi = 0;
     while vi < variants.len() {
         let mut op = BatchPrefill::new(&dev, cfg).unwrap();
-        op.force_tiles(variants[vi]);
+        op.force_tiles(variants[vi]).unwrap();
         let kv_arg = match &table {
             Some(t) => PrefillKv::Paged(t),
             None => PrefillKv::Ragged(&kv_ragged),

@@ -90,7 +90,7 @@ fn run(
             kind,
             1 << 20,
         );
-        op.force_tiles(Some(t));
+        op.force_tiles(Some(t)).unwrap();
     }
     op.set_variant(variant).unwrap();
     op.plan(&qo, PrefillKv::Paged(&table), None).unwrap();

@@ -8,7 +8,7 @@ use flashinfer::cascade::{CascadeConfig, CascadeLevel, MultiLevelCascade};
 use flashinfer::cuda::{CudaSlice, DevSlice, DevSliceMut, Device, DeviceRepr};
 use flashinfer::decode::{BatchDecode, DecodeConfig};
 use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged};
-use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask};
+use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask, PrefillTiles};
 use flashinfer::random::SplitMix64;
 use flashinfer::reference::{self, rel_l2_error};
 use flashinfer::{AttentionParams, DType, Element, MaskMode};
@@ -47,6 +47,22 @@ pub struct CascadeArgs {
     pub json: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Tuning: force the shared level's wgmma block to this many warpgroups (1, 2 or 3).
+    #[arg(long)]
+    pub shared_wg: Option<usize>,
+    /// Tuning: keys per pipeline stage of the shared level's forced block (default 64).
+    #[arg(long)]
+    pub shared_kv_tile: Option<usize>,
+    /// Tuning: pipeline stages of the shared level's forced block (default 2).
+    #[arg(long)]
+    pub shared_nstage: Option<usize>,
+    /// Tuning: force the own level's block to the 16-row mma.sync tile with this many warps
+    /// splitting the keys and this many keys per stage, as `WARPS,KEYS` (e.g. `2,32`).
+    #[arg(long)]
+    pub own_tiles: Option<String>,
+    /// Also time each level alone (its kernel, no merge).
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 pub fn run(a: CascadeArgs) -> Result<(), String> {
@@ -178,6 +194,48 @@ fn run_typed<T: Element + DeviceRepr>(a: CascadeArgs) -> Result<(), String> {
         },
     )
     .map_err(err)?;
+    if let Some(wg) = a.shared_wg {
+        if !(1..=3).contains(&wg) {
+            return Err(format!("--shared-wg {wg}: expected 1, 2 or 3"));
+        }
+        let mut t = PrefillTiles::wgmma(
+            a.head_dim,
+            heads.group_size(),
+            T::DTYPE,
+            true,
+            PrefillMask::None,
+            wg,
+            a.shared_kv_tile.unwrap_or(64),
+        );
+        t.nstage = a.shared_nstage.unwrap_or(2);
+        cascade.force_tiles(0, Some(t)).map_err(err)?;
+    }
+    let own_tiles = match &a.own_tiles {
+        None => None,
+        Some(spec) => {
+            let parse = || -> Option<(usize, usize)> {
+                let (w, k) = spec.split_once(',')?;
+                Some((w.trim().parse().ok()?, k.trim().parse().ok()?))
+            };
+            let (w, k) =
+                parse().ok_or_else(|| format!("--own-tiles `{spec}`: expected WARPS,KEYS"))?;
+            let mut t = PrefillTiles::mma_sync(
+                a.head_dim,
+                heads.group_size(),
+                T::DTYPE,
+                T::DTYPE,
+                true,
+                PrefillMask::Causal,
+                16,
+            );
+            t.warps_kv = w;
+            t.kv_tile = k;
+            Some(t)
+        }
+    };
+    if own_tiles.is_some() {
+        cascade.force_tiles(1, own_tiles).map_err(err)?;
+    }
     cascade
         .plan(&[
             CascadeLevel {
@@ -267,6 +325,56 @@ fn run_typed<T: Element + DeviceRepr>(a: CascadeArgs) -> Result<(), String> {
     let t_one = timer.time(a.warmup, a.runs.max(30), || run_one(&mut out_one))?;
     let t_cas = timer.time(a.warmup, a.runs.max(30), || run_cascade(&mut out_cascade))?;
     let speedup = t_one.median_us / t_cas.median_us;
+    if a.breakdown {
+        // Each level alone, as the cascade plans it (same tiles), writing its state.
+        let level_op =
+            |mask, qo: &Ragged, table: &PageTable, tiles| -> Result<BatchPrefill, String> {
+                let mut op = BatchPrefill::new(
+                    &dev,
+                    PrefillConfig {
+                        heads,
+                        q_dtype: T::DTYPE,
+                        kv_dtype: T::DTYPE,
+                        params,
+                        mask,
+                        allow_split: true,
+                    },
+                )
+                .map_err(err)?;
+                op.force_tiles(tiles).map_err(err)?;
+                op.plan(qo, PrefillKv::Paged(table), None).map_err(err)?;
+                Ok(op)
+            };
+        let shared_tiles = cascade.tiles(0);
+        let mut shared_op = level_op(PrefillMask::None, &all_queries, &shared, shared_tiles)?;
+        let mut own_op = level_op(PrefillMask::Causal, &qo, &own, cascade.tiles(1))?;
+        let mut lse_buf = st.alloc_zeros::<f32>(rows * hq).map_err(d)?;
+        let mut time_level = |op: &mut BatchPrefill, ids: &CudaSlice<i32>| {
+            timer.time(a.warmup, a.runs.max(30), || {
+                op.run_paged(
+                    DevSlice::new(&dq, &st),
+                    DevSlice::new(&dk, &st),
+                    DevSlice::new(&dv, &st),
+                    &desc,
+                    DevSlice::new(ids, &st),
+                    DevSliceMut::new(&mut out_one, &st),
+                    Some(DevSliceMut::new(&mut lse_buf, &st)),
+                    None,
+                )
+                .map_err(err)
+            })
+        };
+        let t_shared = time_level(&mut shared_op, &d_shared)?;
+        let t_own = time_level(&mut own_op, &d_own)?;
+        let name = |t: Option<PrefillTiles>| t.map_or("?".into(), |t| t.name());
+        println!(
+            "  breakdown: shared level alone {:.1} us ({}), own level alone {:.1} us ({})",
+            t_shared.median_us,
+            name(shared_tiles),
+            t_own.median_us,
+            name(cascade.tiles(1))
+        );
+    }
     if a.json {
         println!(
             "{{\"op\":\"cascade\",\"gpu\":\"{}\",\"batch\":{b},\"prefix\":{},\"suffix\":{},\"qo_len\":{},\"page_size\":{ps},\"heads\":\"{hq}:{hk}\",\"head_dim\":{},\"dtype\":\"{}\",\"one_level_us\":{:.2},\"cascade_us\":{:.2},\"speedup\":{:.2},\"runs\":{},\"check_rel_err\":{:.3e}}}",

@@ -70,6 +70,9 @@ pub struct PrefillArgs {
     /// Force the pipeline depth (tuning).
     #[arg(long)]
     pub nstage: Option<usize>,
+    /// Force the warps that split each key tile (tuning; mma.sync's 16-row tile).
+    #[arg(long)]
+    pub warps_kv: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 }
@@ -185,7 +188,8 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
         allow_split: !a.no_split,
     };
     let mut op = BatchPrefill::new(&dev, cfg).map_err(err)?;
-    let tuned = a.cta_q.is_some() || a.kv_tile.is_some() || a.nstage.is_some();
+    let tuned =
+        a.cta_q.is_some() || a.kv_tile.is_some() || a.nstage.is_some() || a.warps_kv.is_some();
     if tuned || a.backend != "auto" {
         let mut t = match a.backend.as_str() {
             "wgmma" => PrefillTiles::wgmma(
@@ -222,7 +226,10 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
         if let Some(n) = a.nstage {
             t.nstage = n;
         }
-        op.force_tiles(Some(t));
+        if let Some(w) = a.warps_kv {
+            t.warps_kv = w;
+        }
+        op.force_tiles(Some(t)).map_err(err)?;
     }
     let kv_arg = match &table {
         Some(t) => PrefillKv::Paged(t),

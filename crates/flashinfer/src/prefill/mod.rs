@@ -182,9 +182,38 @@ impl BatchPrefill {
     }
 
     /// Uses `tiles` for every later plan (benchmarks compare shapes); they must match the
-    /// configuration.
-    pub fn force_tiles(&mut self, tiles: Option<PrefillTiles>) {
+    /// configuration, and parameters the kernel cannot be built with are an error.
+    pub fn force_tiles(&mut self, tiles: Option<PrefillTiles>) -> Result<()> {
+        if let Some(t) = &tiles {
+            self.check_forced(t)?;
+        }
         self.forced_tiles = tiles;
+        Ok(())
+    }
+
+    /// Forced tiles must be buildable and describe this op's configuration.
+    fn check_forced(&self, t: &PrefillTiles) -> Result<()> {
+        t.check()?;
+        let (c, h) = (&self.cfg, self.cfg.heads);
+        ensure(
+            t.head_dim == h.head_dim
+                && t.group == h.group_size()
+                && t.q_dtype == c.q_dtype
+                && t.kv_dtype == c.kv_dtype
+                && t.mask == c.mask,
+            "tiles",
+            || {
+                format!(
+                    "{} does not match the configuration (head_dim {}, GQA group {}, {}/{}, mask {:?})",
+                    t.name(),
+                    h.head_dim,
+                    h.group_size(),
+                    c.q_dtype,
+                    c.kv_dtype,
+                    c.mask
+                )
+            },
+        )
     }
 
     /// Batch-invariant mode: every later plan uses `tiles` and splits every tile's keys into
@@ -193,6 +222,7 @@ impl BatchPrefill {
     pub fn set_batch_invariant(&mut self, mode: Option<(PrefillTiles, usize)>) -> Result<()> {
         match mode {
             Some((tiles, chunk)) => {
+                self.check_forced(&tiles)?;
                 ensure(
                     chunk > 0 && chunk.is_multiple_of(tiles.kv_tile),
                     "kv_chunk",

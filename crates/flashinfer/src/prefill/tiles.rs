@@ -8,19 +8,21 @@
 //! |---|---|---|---|---|
 //! | > 64 (prompts) | 128 (64 at head_dim 256) | 4 x 1 | 32 (2 mma tiles) | each K/V fragment feeds two mma tiles; registers allow it up to head_dim 128 |
 //! | 17..=64 | 64 | 4 x 1 | 16 | less padding for mid-size appends |
-//! | <= 16 (short appends, speculative verification) | 16 | 1 x 4 | 16 | one tile of rows; the four warps split the keys, as in decode |
+//! | <= 16 (short appends, speculative verification) | 16 | 1 x 2 | 16 | one tile of rows; two warps split 32-key stages, so four small blocks share an SM |
 //!
-//! Keys per stage: 64 (32 for the 64-row tile at head_dim 256, to keep two stages in 96 KB).
+//! Keys per stage: 64 (32 for the 64-row tile at head_dim 256, to keep two stages in 96 KB, and for
+//! the 16-row tile).
 //! Two stages of K and V plus the Q tile: 96 KB at CTA_Q 128 / head_dim 128, so two blocks share
 //! an SM.
 //!
 //! On Hopper (sm_90a), more than 16 packed rows at head_dim 64 and 128 take the wgmma backend
-//! instead: blocks of one, two or three warpgroups of 64 rows ([`wgmma_warpgroups`]: the least
+//! instead: blocks of one, two or three warpgroups of 64 rows ([`wgmma_shape`]: the least
 //! padded time; prompts take three: CTA_Q 192, 384 threads, one block per SM with up to 168
-//! registers per thread), 64 keys per stage. The measurements behind these choices are in
+//! registers per thread), 64 keys per stage (128 for two warpgroups). The measurements behind these choices are in
 //! docs/perf-notes.md.
 
 use crate::dtype::DType;
+use crate::error::{invalid, Result};
 use crate::jit::{Arch, KernelSpec};
 use crate::variant::VariantFlags;
 
@@ -77,24 +79,29 @@ pub struct PrefillTiles {
 /// Head dims the prefill kernel is built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// Throughput of the wgmma block shapes per useful row, relative to three warpgroups, measured on
-/// the H200 at causal 1 x 8192 (docs/benchmarks.md): one warpgroup per block (two blocks per SM)
-/// 390.0 TFLOP/s, two warpgroups 365.9, three 414.8.
-const WGMMA_EFFICIENCY: [(usize, f64); 3] = [(1, 390.0 / 414.8), (2, 365.9 / 414.8), (3, 1.0)];
+/// The wgmma block shapes: (warpgroups, keys per stage, throughput per useful row relative to
+/// three warpgroups), measured on the H200 at causal 1 x 8192 (docs/benchmarks.md): one warpgroup
+/// per block (two blocks per SM) 390.0 TFLOP/s; two warpgroups with 128-key stages 399.4 (with
+/// 64-key stages 365.9); three 414.8.
+const WGMMA_SHAPES: [(usize, usize, f64); 3] = [
+    (1, 64, 390.0 / 414.8),
+    (2, 128, 399.4 / 414.8),
+    (3, 64, 1.0),
+];
 
-/// Warpgroups (64 rows each) per block for requests of `packed_qo_len` rows: the shape with the
-/// least time per request, counting the padding of its last tile. Prompts take three; a group of
-/// 64 decode queries sharing a prefix (256 rows at GQA 4) takes one (four full tiles beat two
-/// tiles of 192 with a third of them empty).
-pub fn wgmma_warpgroups(packed_qo_len: usize) -> usize {
-    let cost = |&(wg, eff): &(usize, f64)| {
+/// Warpgroups (64 rows each) per block and keys per stage for requests of `packed_qo_len` rows:
+/// the shape with the least time per request, counting the padding of its last tile. Prompts take
+/// three; a group of 64 decode queries sharing a prefix (256 rows at GQA 4) takes two (two full
+/// tiles beat two tiles of 192 with a third of them empty, and four tiles of 64).
+pub fn wgmma_shape(packed_qo_len: usize) -> (usize, usize) {
+    let cost = |&(wg, _, eff): &(usize, usize, f64)| {
         let rows = packed_qo_len.div_ceil(64 * wg) * 64 * wg;
         rows as f64 / eff
     };
-    WGMMA_EFFICIENCY
+    WGMMA_SHAPES
         .iter()
         .min_by(|a, b| cost(a).total_cmp(&cost(b)))
-        .map_or(3, |&(wg, _)| wg)
+        .map_or((3, 64), |&(wg, kt, _)| (wg, kt))
 }
 
 impl PrefillTiles {
@@ -112,8 +119,8 @@ impl PrefillTiles {
         arch: Arch,
     ) -> Self {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
-            let wg = wgmma_warpgroups(packed_qo_len);
-            return Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, 64);
+            let (wg, kv_tile) = wgmma_shape(packed_qo_len);
+            return Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile);
         }
         Self::mma_sync(
             head_dim,
@@ -172,7 +179,10 @@ impl PrefillTiles {
         } else if packed_qo_len > 16 {
             (4, 1, 1, if head_dim <= 128 { 64 } else { 32 })
         } else {
-            (1, 4, 1, 64)
+            // Two warps splitting 32-key stages: 36 KB of shared memory, so four blocks share an
+            // SM and hide the gather latency better than four warps on 64-key stages (measured
+            // at 64 x 4096, one query: 266 vs 302 us; docs/perf-notes.md).
+            (1, 2, 1, 32)
         };
         Self {
             head_dim,
@@ -189,6 +199,55 @@ impl PrefillTiles {
             wgmma: false,
             variant: VariantFlags::default(),
         }
+    }
+
+    /// Whether the kernel template can be built with these parameters (forced tiles come from
+    /// users and benchmarks): a typed error naming what is wrong, before anything compiles.
+    pub fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(invalid("tiles", format!("{}: {why}", self.name())));
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            return bad(format!(
+                "head_dim {} (expected 64, 128 or 256)",
+                self.head_dim
+            ));
+        }
+        if self.nstage < 2 || self.nstage > 8 {
+            return bad(format!(
+                "{} stages (the pipeline needs 2 to 8)",
+                self.nstage
+            ));
+        }
+        if self.warps_q == 0 || self.warps_kv == 0 || self.m_tiles == 0 {
+            return bad("zero warps or m-tiles".into());
+        }
+        if self.threads() > 1024 {
+            return bad(format!(
+                "{} threads per block (at most 1024)",
+                self.threads()
+            ));
+        }
+        if self.kv_tile == 0
+            || !(self.kv_tile / self.warps_kv).is_multiple_of(16)
+            || !self.kv_tile.is_multiple_of(self.warps_kv)
+        {
+            return bad(format!(
+                "{} keys per stage over {} warps (each warp takes a multiple of 16)",
+                self.kv_tile, self.warps_kv
+            ));
+        }
+        let chunks = self.head_dim / 8;
+        if self.threads() < chunks || self.kv_tile.div_ceil(self.threads() / chunks) > chunks {
+            return bad("too few threads to load a key tile (one lane resolves each pass)".into());
+        }
+        if self.wgmma {
+            if !(self.warps_q.is_multiple_of(4) && self.m_tiles == 1 && self.warps_kv == 1) {
+                return bad("wgmma takes whole warpgroups of 64 rows (warps_q 4, 8 or 12)".into());
+            }
+            if !matches!(self.head_dim, 64 | 128) || !matches!(self.kv_tile, 64 | 128) {
+                return bad("wgmma takes head_dim 64 or 128 and 64 or 128 keys per stage".into());
+            }
+        }
+        Ok(())
     }
 
     /// Packed query rows per tile.
@@ -409,10 +468,10 @@ mod tests {
             (t.cta_q(), t.threads(), t.ctas_per_sm(228 * 1024)),
             (192, 384, 1)
         );
-        // Shared-prefix groups of decode queries: whole tiles of 64 rows.
-        assert_eq!(wgmma_warpgroups(256), 1);
-        assert_eq!(wgmma_warpgroups(64), 1);
-        assert_eq!(wgmma_warpgroups(8192 * 4), 3);
-        assert_eq!(wgmma_warpgroups(4096), 3);
+        // Shared-prefix groups of decode queries: whole tiles, the widest that fits.
+        assert_eq!(wgmma_shape(256), (2, 128));
+        assert_eq!(wgmma_shape(64), (1, 64));
+        assert_eq!(wgmma_shape(8192 * 4), (3, 64));
+        assert_eq!(wgmma_shape(4096), (3, 64));
     }
 }
