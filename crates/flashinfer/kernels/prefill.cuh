@@ -52,6 +52,11 @@
 #ifndef VARIANT_ALIBI
 #define VARIANT_ALIBI 0
 #endif
+// Prefetch into L2 the rows of the tile after the one being copied (see prefetch_resolved); chosen
+// by the host (PrefillTiles::l2_lookahead).
+#ifndef PREFILL_L2_LOOKAHEAD
+#define PREFILL_L2_LOOKAHEAD 0
+#endif
 #ifndef VARIANT_WINDOW
 #define VARIANT_WINDOW 0
 #endif
@@ -282,6 +287,17 @@ batch_prefill(const PrefillParams p) {
     const int key = w.kv_begin + tile * KV_TILE + r;
     if (ld_chunk < KV_PASSES && r < KV_TILE && key < kv_stop) my_off = kv_row_offset(p, w, key);
   };
+  // The rows just resolved are copied one tile later; start bringing them into L2 now (each row is
+  // resolved by one lane, which prefetches its K and V lines), so that tile's copies hit in L2.
+  auto prefetch_resolved = [&]() {
+    if (my_off < 0) return;
+    const long long base = my_off + (long long)kv_head * p.head_stride;
+#pragma unroll
+    for (int line = 0; line < HEAD_DIM * (int)sizeof(DTypeKV) / 128; ++line) {
+      prefetch_l2(p.k + base + line * (128 / (int)sizeof(DTypeKV)));
+      prefetch_l2(p.v + base + line * (128 / (int)sizeof(DTypeKV)));
+    }
+  };
   auto issue_tile = [&](int stage) {
 #pragma unroll
     for (int s = 0; s < KV_PASSES; ++s) {
@@ -352,6 +368,9 @@ batch_prefill(const PrefillParams p) {
       if (next < num_tiles) {
         issue_tile(next % NSTAGE);
         resolve_rows(next + 1);
+#if PREFILL_L2_LOOKAHEAD
+        prefetch_resolved();
+#endif
       }
       cp_async_commit();
     }

@@ -89,7 +89,7 @@ impl MultiLevelCascade {
         } else {
             None
         };
-        let levels = (0..cfg.num_levels)
+        let mut levels = (0..cfg.num_levels)
             .map(|l| {
                 BatchPrefill::new(
                     match &side {
@@ -111,6 +111,10 @@ impl MultiLevelCascade {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        // Shared levels read keys that are cold in L2 once per row tile of their group.
+        for op in levels.iter_mut().take(cfg.num_levels - 1) {
+            op.set_l2_lookahead(true);
+        }
         Ok(Self {
             dev: dev.clone(),
             side,

@@ -342,6 +342,7 @@ fn run_typed<T: Element + DeviceRepr>(a: CascadeArgs) -> Result<(), String> {
                 )
                 .map_err(err)?;
                 op.force_tiles(tiles).map_err(err)?;
+                op.set_l2_lookahead(tiles.is_some_and(|t| t.l2_lookahead));
                 op.plan(qo, PrefillKv::Paged(table), None).map_err(err)?;
                 Ok(op)
             };

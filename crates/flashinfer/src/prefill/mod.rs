@@ -140,6 +140,7 @@ pub struct BatchPrefill {
     planned: Planned,
     /// Forces a tile shape (benchmarks, batch-invariant mode); `None` lets `plan()` choose.
     forced_tiles: Option<PrefillTiles>,
+    l2_lookahead: bool,
     /// Batch-invariant mode's fixed split size.
     fixed_kv_chunk: Option<usize>,
     variant: VariantState,
@@ -176,6 +177,7 @@ impl BatchPrefill {
             layout: PlanLayout::default(),
             planned: Planned::default(),
             forced_tiles: None,
+            l2_lookahead: false,
             fixed_kv_chunk: None,
             variant: VariantState::default(),
         })
@@ -214,6 +216,13 @@ impl BatchPrefill {
                 )
             },
         )
+    }
+
+    /// Prefetches each key tile into L2 one tile ahead of its copy (see
+    /// [`PrefillTiles::l2_lookahead`]); for keys that are cold in L2 and shared by many row tiles,
+    /// such as a cascade's shared prefix. Takes effect at the next `plan()`.
+    pub fn set_l2_lookahead(&mut self, on: bool) {
+        self.l2_lookahead = on;
     }
 
     /// Batch-invariant mode: every later plan uses `tiles` and splits every tile's keys into
@@ -326,14 +335,17 @@ impl BatchPrefill {
     fn choose_tiles(&self, paged: bool, packed_qo_len: usize) -> PrefillTiles {
         let (c, h) = (&self.cfg, self.cfg.heads);
         let variant = self.variant.flags;
+        let l2_lookahead = self.l2_lookahead;
         match self.forced_tiles {
             Some(t) => PrefillTiles {
                 paged,
                 variant,
+                l2_lookahead,
                 ..t
             },
             None => PrefillTiles {
                 variant,
+                l2_lookahead,
                 ..PrefillTiles::choose(
                     h.head_dim,
                     h.group_size(),

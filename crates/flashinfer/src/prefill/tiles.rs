@@ -74,6 +74,11 @@ pub struct PrefillTiles {
     pub wgmma: bool,
     /// Attention variants compiled in.
     pub variant: VariantFlags,
+    /// Prefetch into L2 the rows of the key tile after the one being copied. Pays where the keys
+    /// are cold in L2 and every block's tile is long (a shared prefix read by all its group's
+    /// row tiles: 131.2 -> 124.5 us at 64 x 32768); costs elsewhere (prompts -3 %, short appends
+    /// over long caches -13 %: the extra requests compete with the copies). docs/perf-notes.md.
+    pub l2_lookahead: bool,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -157,6 +162,7 @@ impl PrefillTiles {
             nstage: 2,
             wgmma: true,
             variant: VariantFlags::default(),
+            l2_lookahead: false,
         }
     }
 
@@ -198,6 +204,7 @@ impl PrefillTiles {
             nstage: 2,
             wgmma: false,
             variant: VariantFlags::default(),
+            l2_lookahead: false,
         }
     }
 
@@ -301,7 +308,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -314,13 +321,14 @@ impl PrefillTiles {
             self.m_tiles,
             self.kv_tile,
             self.nstage,
+            if self.l2_lookahead { "_la" } else { "" },
             self.variant.key_suffix()
         )
     }
 
     pub fn spec(&self) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -339,6 +347,7 @@ impl PrefillTiles {
             mb = self.ctas_per_sm(228 * 1024),
             wg = u32::from(self.wgmma),
             var = self.variant.defines(),
+            la = u32::from(self.l2_lookahead),
         );
         let spec = KernelSpec::new(self.name(), source, ["batch_prefill"]);
         if self.wgmma {
