@@ -101,6 +101,19 @@ struct FastDiv {
   __device__ __forceinline__ u32 div(u32 n) const { return magic == 0 ? n : __umulhi(n, magic) >> shift; }
 };
 
+// sin and cos of pos * f, accurate for large positions: the product is split into its rounded value
+// and the rounding error (an FMA), the value reduced by 2 pi in two parts (Cody-Waite), the error
+// added back, then the fast intrinsic on [-pi, pi].
+__device__ __forceinline__ void rope_sincos(int pos, float f, float& sn, float& cs) {
+  const float x = (float)pos;
+  const float a = x * f;
+  const float err = fmaf(x, f, -a);
+  const float k = rintf(a * 0.15915494309189535f);
+  float r = fmaf(-k, 6.28318548202514648f, a);   // 2 pi rounded to float
+  r = fmaf(-k, -1.74845553e-7f, r);              // 2 pi - (float)(2 pi)
+  __sincosf(r + err, &sn, &cs);
+}
+
 // Asynchronous global->shared copies (sm_80+). `src_bytes` < 16 zero-fills the rest, so rows past
 // the end of a request are never read from global memory.
 // With L2_PREFETCH defined, each copy also asks L2 to fetch the whole 256-byte sector group around

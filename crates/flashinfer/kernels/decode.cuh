@@ -11,7 +11,10 @@
 //   BDZ                       token slots working in parallel (independent softmax states)
 //   PASSES                    row-load passes per tile; TILE = GROUP * BDZ * PASSES tokens
 //   NSTAGE                    depth of the cp.async pipeline (tiles in flight)
+//   VARIANT_*                 (optional) the attention variants compiled in (decode_variant.cuh)
 // (decode/tiles.rs chooses them.)
+// Under RoPE each tile's keys are rotated in shared memory after they land (one more barrier per
+// tile), since the GROUP query heads of a block all read every key.
 //
 // Thread layout: block (BDX, GROUP, BDZ), BDX = HEAD_DIM / VEC with VEC = 16 bytes of KV. Lane tx
 // owns elements [tx*VEC, tx*VEC + VEC) of one query head (ty) for the tokens of slot tz. q·k sums
@@ -47,11 +50,47 @@ batch_decode(const DecodeParams p) {
   const DecodeWork w = p.work[blockIdx.x];
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
-  // This thread's query slice, pre-scaled so that scores come out in base 2.
+  // This thread's query slice, pre-scaled so that scores come out in base 2 (under a soft cap: as
+  // the natural logit over the cap, which decode_logit then caps).
   float q[VEC];
   load_vec_f32<DTypeQ, VEC>(p.q + ((long long)w.request * p.num_qo_heads + qo_head) * HEAD_DIM + tx * VEC, q);
+#if VARIANT_ROPE
+  // RoPE (decode_variant.cuh): lanes tx and tx +- ROPE_HALF hold the two halves of the same pairs.
+  // The query is rotated here, once (each lane also reads its partner's slice); the keys, shared
+  // by the GROUP query heads, are rotated once per tile in shared memory (below).
+  constexpr int ROPE_HALF = BDX / 2;  // 16-byte chunks per half row
+  const int rope_off = p.rope_offsets[w.request];
+  {
+    const int partner = tx < ROPE_HALF ? tx + ROPE_HALF : tx - ROPE_HALF;
+    float qp[VEC];
+    load_vec_f32<DTypeQ, VEC>(p.q + ((long long)w.request * p.num_qo_heads + qo_head) * HEAD_DIM + partner * VEC, qp);
+    const int q_pos = rope_off + p.kv_lens[w.request] - 1;
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) q[i] *= p.sm_scale_log2;
+    for (int i = 0; i < VEC; ++i) {
+      float sn, cs;
+      rope_sincos(q_pos, rope_inv_freq((tx % ROPE_HALF) * VEC + i, p.rope_log2_theta, p.rope_rcp_scale), sn, cs);
+      // First half: x cos - y sin with y the partner's; second half: x sin + y cos with x its.
+      q[i] = tx < ROPE_HALF ? q[i] * cs - qp[i] * sn : qp[i] * sn + q[i] * cs;
+    }
+  }
+  // The rope pass: thread tid rotates chunk rope_chunk (and its partner) of rows tid / ROPE_HALF +
+  // k * ROPE_ROW_STEP of each tile; its VEC frequencies are the same for every row.
+  constexpr int ROPE_ROW_STEP = NUM_THREADS / ROPE_HALF;
+  static_assert(NUM_THREADS % ROPE_HALF == 0, "RoPE: a fixed chunk per thread");
+  const int rope_chunk = tid % ROPE_HALF;
+  float rope_freq[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) rope_freq[i] = rope_inv_freq(rope_chunk * VEC + i, p.rope_log2_theta, p.rope_rcp_scale);
+  const int rope_k0 = rope_off + w.kv_start;  // position of the item's first key
+#endif
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) q[i] *= logit_scale(p);
+#if VARIANT_LOGITS
+  // ALiBi: this query head's slope, and the position of the item's first key relative to the
+  // query's (kv_len - 1).
+  const float alibi_slope = VARIANT_ALIBI ? p.alibi_slopes_log2[qo_head] : 0.f;
+  const int rel0 = VARIANT_ALIBI ? w.kv_start - (p.kv_lens[w.request] - 1) : 0;
+#endif
 
   // Global element offset of the rows this thread copies in tile `t` (-1 past the chunk's end).
   const int load_row = tid / BDX;
@@ -110,6 +149,32 @@ batch_decode(const DecodeParams p) {
       cp_async_commit();
     }
     const int stage = t % NSTAGE;
+#if VARIANT_ROPE
+    {
+      // Rotate the tile's keys in place, then publish them to the other threads. Rows are visited
+      // in increasing order, so the first row past the chunk's end ends this thread's part (the
+      // barrier below is outside the loop: every thread reaches it).
+      DTypeKV* ks = k_smem + stage * TILE * HEAD_DIM;
+      for (int r = tid / ROPE_HALF; r < TILE; r += ROPE_ROW_STEP) {
+        if (t * TILE + r >= w.kv_len) break;
+        DTypeKV* lo_p = ks + r * HEAD_DIM + rope_chunk * VEC;
+        DTypeKV* hi_p = lo_p + HEAD_DIM / 2;
+        float x[VEC], y[VEC];
+        load_vec_f32<DTypeKV, VEC>(lo_p, x);
+        load_vec_f32<DTypeKV, VEC>(hi_p, y);
+        const int pos = rope_k0 + t * TILE + r;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          float sn, cs;
+          rope_sincos(pos, rope_freq[i], sn, cs);
+          rope_pair(x[i], y[i], sn, cs);
+        }
+        store_vec_f32<DTypeKV, VEC>(lo_p, x);
+        store_vec_f32<DTypeKV, VEC>(hi_p, y);
+      }
+      __syncthreads();
+    }
+#endif
     const DTypeKV* kt = k_smem + (stage * TILE + tz * TOKENS_PER_SLOT) * HEAD_DIM + tx * VEC;
     const DTypeKV* vt = v_smem + (stage * TILE + tz * TOKENS_PER_SLOT) * HEAD_DIM + tx * VEC;
     const int valid = w.kv_len - (t * TILE + tz * TOKENS_PER_SLOT);  // tokens of this slot in range
@@ -124,6 +189,9 @@ batch_decode(const DecodeParams p) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc = fmaf(q[i], kf[i], acc);
       acc = group_sum<BDX>(acc);
+#if VARIANT_LOGITS
+      acc = decode_logit(acc, p.softcap_out, alibi_slope, rel0 + t * TILE + tz * TOKENS_PER_SLOT + j);
+#endif
       s[j] = j < valid ? acc : NEG_INF;
       m_tile = fmaxf(m_tile, s[j]);
     }
@@ -177,6 +245,10 @@ batch_decode(const DecodeParams p) {
     m = m_all;
   }
 
+#if VARIANT_SINKS
+  // The sink joins the final state only; a split request's last block adds it after the merge.
+  if (w.partial < 0) add_sink<VEC>(p.sinks_log2[qo_head], m, d, o);
+#endif
   const float inv = d > 0.f ? 1.f / d : 0.f;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) o[i] *= inv;

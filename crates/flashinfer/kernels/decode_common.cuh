@@ -1,9 +1,10 @@
 // decode_common.cuh: what both decode kernels (decode.cuh on CUDA cores, decode_tc.cuh on tensor
 // cores) share: the work-list entry, the parameter block, and the in-kernel merge of split-KV
 // partial states. Included after the generated source has defined DTypeQ, DTypeKV, DTypeO,
-// HEAD_DIM and GROUP.
+// HEAD_DIM and GROUP (and, for a variant, its VARIANT_* switches).
 #pragma once
 #include "state.cuh"
+#include "decode_variant.cuh"
 
 // One unit of work: `kv_len` keys of `request` starting at token `kv_start`; the request's pages
 // start at kv_indices[page_begin]. `partial` >= 0: the request is split into `num_pieces` chunks
@@ -32,10 +33,25 @@ struct DecodeParams {
   int num_qo_heads;
   float sm_scale_log2;        // softmax scale * log2(e)
   float lse_out_scale;        // base-2 lse -> caller's base
+  // Variants (decode_variant.cuh; unused by a plain kernel):
+  float softcap_in;                // sm_scale / cap
+  float softcap_out;               // cap * log2(e)
+  const float* alibi_slopes_log2;  // [num_qo_heads] slope * log2(e)
+  const float* sinks_log2;         // [num_qo_heads] sink logit * log2(e)
+  const int* kv_lens;              // [batch] keys of each request (ALiBi, RoPE: its query is at kv_len - 1)
+  const int* rope_offsets;         // [batch] RoPE position of each request's first key
+  float rope_rcp_scale;            // 1 / rope_scale
+  float rope_log2_theta;           // log2(rope_theta)
 };
 
 // decode/mod.rs asserts the same size for its copy of this struct.
-static_assert(sizeof(DecodeParams) == 136, "DecodeParams must match decode/mod.rs");
+static_assert(sizeof(DecodeParams) == 184, "DecodeParams must match decode/mod.rs");
+
+// What q·k is multiplied by before decode_logit (decode_variant.cuh): sm_scale * log2(e) for a
+// plain kernel or ALiBi alone, sm_scale / cap under a soft cap.
+__device__ __forceinline__ float logit_scale(const DecodeParams& p) {
+  return VARIANT_SOFTCAP ? p.softcap_in : p.sm_scale_log2;
+}
 
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
 __device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return (int)blockIdx.x < *p.num_work; }
@@ -95,6 +111,9 @@ __device__ __forceinline__ void merge_split_pieces(const DecodeParams& p, const 
         acc[3] += wgt * v.w;
       }
     }
+#if VARIANT_SINKS
+    add_sink<V>(p.sinks_log2[qo_head], m, den, acc);  // once, into the merged state
+#endif
     const float inv = den > 0.f ? 1.f / den : 0.f;
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] *= inv;

@@ -7,7 +7,8 @@
 // once for all of them. Rows >= GROUP are zero padding and never written.
 //
 // The generated source defines DTypeQ, DTypeKV, DTypeO, HEAD_DIM (64/128/256), GROUP (<= 16),
-// KT (16-token k-steps per warp per tile) and NSTAGE; decode/tiles.rs chooses them.
+// KT (16-token k-steps per warp per tile), NSTAGE and, for a variant, its VARIANT_* switches
+// (decode_variant.cuh); decode/tiles.rs chooses them.
 //
 // Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads (16-byte
 // cp.async copies, page ids resolved one tile ahead); warp w then attends tokens
@@ -44,6 +45,72 @@ batch_decode(const DecodeParams p) {
   const DecodeWork w = p.work[blockIdx.x];
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
+#if VARIANT_ROPE
+  // RoPE (decode_variant.cuh), on the K fragments in registers: no shared-memory pass and no extra
+  // barrier per tile. After ldmatrix a thread holds, for key g of each 8-key n-tile, dims
+  // c * 8 + 2t + {0, 1} of every 16-byte chunk c, and the partner of chunk c < HEAD_DIM / 16 is
+  // chunk c + HEAD_DIM / 16, which the same thread receives in the same register of the ldmatrix
+  // HEAD_DIM / 64 steps (of 32 dims) further on. So both halves are loaded together and each pair
+  // is rotated in place before the mmas read it.
+  //
+  // Sines and cosines are shared by n-tiles: <R(a) q, R(b) k> depends only on b - a, so n-tile j
+  // (keys 8j further on) can be scored against a copy of q rotated 8 positions back per n-tile
+  // while its keys turn by the angle of n-tile 0's. ROPE_QC copies of q: copy c = j % ROPE_QC is
+  // rotated to q_pos - 8c, and n-tile j's keys to the position of n-tile (j - c)'s key g, so
+  // each thread computes one angle per pair per ROPE_QC n-tiles (half the sin/cos at 2, the
+  // main cost). Head_dim 256 has no registers for a second copy of q: ROPE_QC = 1 there.
+  constexpr int ROPE_QC = HEAD_DIM <= 128 ? 2 : 1;
+  static_assert((2 * KT) % ROPE_QC == 0, "RoPE: whole groups of n-tiles per q copy");
+  // The frequencies of pair dims c * 8 + 2t + {0, 1} (t = lane % 4, c < HEAD_DIM / 16), shared by
+  // the block's warps: a table in shared memory (read as one float2) keeps them out of registers,
+  // which head_dim 256 has none of to spare. The barrier is uniform (after the early return).
+  __shared__ float2 rope_freq_s[HEAD_DIM / 16][4];
+  if (tid < HEAD_DIM / 4) {
+    const int c = tid / 4, d = c * 8 + 2 * (tid % 4);
+    rope_freq_s[c][tid % 4] = make_float2(rope_inv_freq(d, p.rope_log2_theta, p.rope_rcp_scale),
+                                          rope_inv_freq(d + 1, p.rope_log2_theta, p.rope_rcp_scale));
+  }
+  __syncthreads();
+  const int rope_off = p.rope_offsets[w.request];
+  const int rope_k0 = rope_off + w.kv_start;  // position of the item's first key
+  // Query fragments, rotated (ROPE_QC copies) and converted to the KV type; rows >= GROUP are zero.
+  // Fragment ks's partner is ks + HEAD_DIM / 32 (the same columns HEAD_DIM / 2 further on).
+  u32 qa[ROPE_QC][HEAD_DIM / 16][4];
+  {
+    const DTypeQ* q0 = p.q + ((long long)w.request * p.num_qo_heads + kv_head * GROUP) * HEAD_DIM;
+    const int q_pos = rope_off + p.kv_lens[w.request] - 1;
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 32; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + (r & 1) * 8, col = ks * 16 + 2 * t + (r >> 1) * 8;
+        const float2 f = rope_freq_s[2 * ks + (r >> 1)][t];
+        float x[2] = {0.f, 0.f}, y[2] = {0.f, 0.f};
+        if (row < GROUP) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            x[e] = to_float(q0[row * HEAD_DIM + col + e]);
+            y[e] = to_float(q0[row * HEAD_DIM + col + e + HEAD_DIM / 2]);
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < ROPE_QC; ++c) {
+          float xr[2], yr[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float sn, cs;
+            rope_sincos(q_pos - 8 * c, e == 0 ? f.x : f.y, sn, cs);
+            xr[e] = x[e];
+            yr[e] = y[e];
+            rope_pair(xr[e], yr[e], sn, cs);
+          }
+          qa[c][ks][r] = pack2<DTypeKV>(xr[0], xr[1]);
+          qa[c][ks + HEAD_DIM / 32][r] = pack2<DTypeKV>(yr[0], yr[1]);
+        }
+      }
+    }
+  }
+#else
   // Query fragments (A operand), converted to the KV type for the mma; rows >= GROUP are zero.
   u32 qa[HEAD_DIM / 16][4];
   {
@@ -62,6 +129,18 @@ batch_decode(const DecodeParams p) {
       }
     }
   }
+#endif
+#if VARIANT_LOGITS
+  // ALiBi: the slopes of this thread's query rows g and g + 8 (0 for padding rows), and the
+  // position of the item's first key relative to the query's (kv_len - 1).
+  float alibi_slope[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + r * 8;
+    alibi_slope[r] = VARIANT_ALIBI && row < GROUP ? p.alibi_slopes_log2[kv_head * GROUP + row] : 0.f;
+  }
+  const int rel0 = VARIANT_ALIBI ? w.kv_start - (p.kv_lens[w.request] - 1) : 0;
+#endif
 
   // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS. The CHUNKS
   // lanes sharing a row set resolve its page once: lane s of the group resolves the row of pass s,
@@ -131,6 +210,45 @@ batch_decode(const DecodeParams p) {
     float s[2 * KT][4];
 #pragma unroll
     for (int j = 0; j < 2 * KT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#if VARIANT_ROPE
+    // 32 dims and their partners per step: load both halves' fragments, rotate them (rows past the
+    // chunk's end are zeros and stay zeros; they are masked below), then both halves' mmas.
+    const int kpos0 = rope_k0 + tile * TILE + row0 + g;  // this thread's key of n-tile 0
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 64; ++kk) {
+      float sn[4][2], cs[4][2];
+#pragma unroll
+      for (int j = 0; j < 2 * KT; ++j) {
+        if (j % ROPE_QC == 0) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = rope_freq_s[kk * 4 + i][t];
+            rope_sincos(kpos0 + 8 * j, f.x, sn[i][0], cs[i][0]);
+            rope_sincos(kpos0 + 8 * j, f.y, sn[i][1], cs[i][1]);
+          }
+        }
+        const int krow = row0 + j * 8 + (lane & 7);
+        u32 lo[4], hi[4];
+        ldmatrix_x4(lo, ks_base + swizzle<HEAD_DIM>(krow, kk * 4 + (lane >> 3)));
+        ldmatrix_x4(hi, ks_base + swizzle<HEAD_DIM>(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x[2], y[2];
+          unpack2(DTypeKV{}, lo[i], x[0], x[1]);
+          unpack2(DTypeKV{}, hi[i], y[0], y[1]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) rope_pair(x[e], y[e], sn[i][e], cs[i][e]);
+          lo[i] = pack2<DTypeKV>(x[0], x[1]);
+          hi[i] = pack2<DTypeKV>(y[0], y[1]);
+        }
+        const u32(*qj)[4] = qa[j % ROPE_QC];
+        mma_16816<DTypeKV>(s[j], qj[2 * kk], lo[0], lo[1]);
+        mma_16816<DTypeKV>(s[j], qj[2 * kk + 1], lo[2], lo[3]);
+        mma_16816<DTypeKV>(s[j], qj[2 * kk + HEAD_DIM / 32], hi[0], hi[1]);
+        mma_16816<DTypeKV>(s[j], qj[2 * kk + 1 + HEAD_DIM / 32], hi[2], hi[3]);
+      }
+    }
+#else
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
 #pragma unroll
@@ -141,15 +259,36 @@ batch_decode(const DecodeParams p) {
         mma_16816<DTypeKV>(s[j], qa[2 * kk + 1], kb[2], kb[3]);
       }
     }
+#endif
 
-    // Scale, mask the rows past the chunk's end, and update the running max per query row.
+#if VARIANT_LOGITS
+    // The variant logits (soft cap, ALiBi) of every column; the columns past the chunk's end are
+    // masked below.
+#pragma unroll
+    for (int j = 0; j < 2 * KT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        s[j][e] = decode_logit(s[j][e] * logit_scale(p), p.softcap_out, alibi_slope[e >> 1],
+                               rel0 + tile * TILE + row0 + col);
+      }
+    }
+#endif
+    // Scale, mask the rows past the chunk's end, and update the running max per query row. The
+    // variant logits above are already scaled (a macro, so that a plain kernel's code is exactly
+    // what it was before variants).
+#if VARIANT_LOGITS
+#define SCORE_SCALE 1.f
+#else
+#define SCORE_SCALE p.sm_scale_log2
+#endif
     float m_tile[2] = {NEG_INF, NEG_INF};
     if (valid >= WARP_TOKENS) {  // a full tile: no masking
 #pragma unroll
       for (int j = 0; j < 2 * KT; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[j][e] *= p.sm_scale_log2;
+          s[j][e] *= SCORE_SCALE;
           m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
         }
       }
@@ -159,11 +298,12 @@ batch_decode(const DecodeParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = j * 8 + 2 * t + (e & 1);
-          s[j][e] = col < valid ? s[j][e] * p.sm_scale_log2 : NEG_INF;
+          s[j][e] = col < valid ? s[j][e] * SCORE_SCALE : NEG_INF;
           m_tile[e >> 1] = fmaxf(m_tile[e >> 1], s[j][e]);
         }
       }
     }
+#undef SCORE_SCALE
     float rescale[2], m_use[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -256,11 +396,15 @@ batch_decode(const DecodeParams p) {
         for (int i = 0; i < OUT_VEC; ++i) acc[i] += st_o[(wi * GROUP + row) * HEAD_DIM + d0 + i] * sc;
       }
     }
+    const int qo_head = kv_head * GROUP + row;
+#if VARIANT_SINKS
+    // The sink joins the final state only; a split request's last block adds it after the merge.
+    if (w.partial < 0) add_sink<OUT_VEC>(p.sinks_log2[qo_head], m_all, den, acc);
+#endif
     const float inv = den > 0.f ? 1.f / den : 0.f;
 #pragma unroll
     for (int i = 0; i < OUT_VEC; ++i) acc[i] *= inv;
     const float lse2 = den > 0.f ? m_all + fast_log2(den) : NEG_INF;
-    const int qo_head = kv_head * GROUP + row;
     if (w.partial < 0) {
       write_final<OUT_VEC>(p, w.request, qo_head, d0, acc, lse2);
     } else {

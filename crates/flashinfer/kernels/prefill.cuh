@@ -63,9 +63,31 @@
 #ifndef VARIANT_SINKS
 #define VARIANT_SINKS 0
 #endif
+#ifndef VARIANT_ROPE
+#define VARIANT_ROPE 0
+#endif
+// A user variant (src/user_variant.rs) defines USER_VARIANT 1, struct UserParams, the hooks it
+// has (user_query_transform, user_key_transform, user_logits_transform, user_logits_mask,
+// user_output_transform, each with its USER_HAS_* switch) and USER_USE_SOFTMAX, before this file.
+#ifndef USER_VARIANT
+#define USER_VARIANT 0
+#endif
+#if USER_VARIANT
+#define USER_PARAMS_DECL , const UserParams user_params
+#else
+#define USER_PARAMS_DECL
+#define USER_USE_SOFTMAX 1
+#define USER_HAS_QUERY_TRANSFORM 0
+#define USER_HAS_KEY_TRANSFORM 0
+#define USER_HAS_LOGITS_TRANSFORM 0
+#define USER_HAS_LOGITS_MASK 0
+#define USER_HAS_OUTPUT_TRANSFORM 0
+#endif
+// Without a softmax (USER_USE_SOFTMAX 0) the transformed logits weigh V directly: no running max,
+// no denominator, no LSE (the host refuses an LSE output and split KV for such variants).
 // Soft cap and ALiBi change the logits themselves: scores are then moved to the scaled base-2
 // domain before the softmax instead of folding the scale into the exponent.
-#define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI)
+#define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI || USER_VARIANT)
 
 constexpr int NUM_WARPS = WARPS_Q * WARPS_KV;
 constexpr int NUM_THREADS = NUM_WARPS * 32;
@@ -146,10 +168,13 @@ struct PrefillParams {
   int window_left;              // keys at positions >= query position - window_left
   const float* alibi_slopes_log2;  // [num_qo_heads] slope * log2(e)
   const float* sinks_log2;         // [num_qo_heads] sink logit * log2(e)
+  const int* rope_offsets;         // [batch] position of each request's first key, or null (0)
+  float rope_rcp_scale;            // 1 / rope_scale
+  float rope_log2_theta;           // log2(rope_theta)
 };
 
 // prefill/mod.rs asserts the same size for its copy of this struct.
-static_assert(sizeof(PrefillParams) == 176, "PrefillParams must match prefill/mod.rs");
+static_assert(sizeof(PrefillParams) == 192, "PrefillParams must match prefill/mod.rs");
 
 // Folds a sink (a state with lse `sink` and no value) into an unnormalised row state (m, den,
 // acc): the sink counts once, when the final output of a row is written.
@@ -162,6 +187,71 @@ __device__ __forceinline__ void add_sink(float sink, float& m, float& den, float
   den = den * f + fast_exp2(sink - m_new);
   m = m_new;
 }
+
+#if VARIANT_ROPE
+// RoPE, fused: a tile in shared memory is rotated in place after it lands and before the matmuls
+// read it (Llama style: the pair (d, d + HEAD_DIM / 2) of a row at position `pos` turns by
+// pos / rope_scale * theta^(-2d / HEAD_DIM)). Each thread owns one 8-dim chunk of the first half,
+// the same for every row it visits (NUM_THREADS is a multiple of HEAD_DIM / 16), so its 8
+// frequencies are computed once.
+constexpr int ROPE_HALF_CHUNKS = CHUNKS / 2;
+static_assert(NUM_THREADS % ROPE_HALF_CHUNKS == 0, "RoPE: a fixed chunk per thread");
+
+__device__ __forceinline__ void rope_frequencies(const PrefillParams& p, float (&inv_freq)[8]) {
+  const int c = threadIdx.x % ROPE_HALF_CHUNKS;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float d = (float)(c * 8 + e);
+    inv_freq[e] = exp2f(-2.f * d / (float)HEAD_DIM * p.rope_log2_theta) * p.rope_rcp_scale;
+  }
+}
+
+// Rotates rows [0, ROWS) of a tile laid out by tile_offset<ROWS>; pos_of(row) < 0 skips a row.
+template <int ROWS, class T, class PosFn>
+__device__ __forceinline__ void rope_tile(T* tile, const float (&inv_freq)[8], PosFn pos_of) {
+  const int c = threadIdx.x % ROPE_HALF_CHUNKS;
+  for (int row = threadIdx.x / ROPE_HALF_CHUNKS; row < ROWS; row += NUM_THREADS / ROPE_HALF_CHUNKS) {
+    const int pos = pos_of(row);
+    if (pos < 0) continue;
+    uint4* lo_p = reinterpret_cast<uint4*>(tile + tile_offset<ROWS>(row, c));
+    uint4* hi_p = reinterpret_cast<uint4*>(tile + tile_offset<ROWS>(row, c + ROPE_HALF_CHUNKS));
+    uint4 lo = *lo_p, hi = *hi_p;
+    T* a = reinterpret_cast<T*>(&lo);
+    T* b = reinterpret_cast<T*>(&hi);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float sn, cs;
+      rope_sincos(pos, inv_freq[e], sn, cs);
+      const float x = to_float(a[e]), y = to_float(b[e]);
+      a[e] = from_float<T>(x * cs - y * sn);
+      b[e] = from_float<T>(x * sn + y * cs);
+    }
+    *lo_p = lo;
+    *hi_p = hi;
+  }
+}
+#endif
+
+#if USER_VARIANT
+// The user's parameters, copied from the kernel argument once per block so that every helper below
+// (and the hooks, which receive it as `params`) can read them.
+__shared__ UserParams g_user_params;
+#endif
+#if USER_HAS_QUERY_TRANSFORM || USER_HAS_KEY_TRANSFORM
+// Applies f(row, dim, x) to every element of rows [0, ROWS) of a tile laid out by tile_offset<ROWS>.
+template <int ROWS, class T, class Fn>
+__device__ __forceinline__ void transform_tile(T* tile, Fn f) {
+  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += NUM_THREADS) {
+    const int row = i / CHUNKS, c = i % CHUNKS;
+    uint4* ptr = reinterpret_cast<uint4*>(tile + tile_offset<ROWS>(row, c));
+    uint4 v = *ptr;
+    T* x = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = from_float<T>(f(row, c * 8 + e, to_float(x[e])));
+    *ptr = v;
+  }
+}
+#endif
 
 // Element offset of key `key` (within the request) of head 0, chunk 0.
 __device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const PrefillWork& w, int key) {
@@ -181,6 +271,13 @@ __device__ __forceinline__ void write_out(const PrefillParams& p, const PrefillW
                                           int d0, const float* o, float lse2) {
   const int token = row / GROUP, head = kv_head * GROUP + row % GROUP;
   const long long orow = (long long)(w.q_start + token) * p.num_qo_heads + head;
+#if USER_HAS_OUTPUT_TRANSFORM
+  float out[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i)
+    out[i] = user_output_transform(g_user_params, o[i], head, w.kv_len - w.qo_len + token, d0 + i);
+  o = out;
+#endif
   store_vec_f32<DTypeO, VEC>(p.o + orow * HEAD_DIM + d0, o);
   if (p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
 }
@@ -237,7 +334,7 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
-batch_prefill(const PrefillParams p) {
+batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   extern __shared__ __align__(1024) unsigned char smem_dyn[];
   // wgmma's swizzle needs 1024-byte aligned tiles; the host adds 1 KB so this always fits.
   unsigned char* smem_raw = smem_dyn + ((1024 - ((u32)__cvta_generic_to_shared(smem_dyn) & 1023)) & 1023);
@@ -252,6 +349,9 @@ batch_prefill(const PrefillParams p) {
   // start first.
   const int item = blockIdx.x / p.num_kv_heads, kv_head = blockIdx.x % p.num_kv_heads;
   if (item >= *p.num_work) return;  // uniform over the block, before any barrier
+#if USER_VARIANT
+  if (threadIdx.x == 0) g_user_params = user_params;  // published by the first barrier below
+#endif
   const PrefillWork w = p.work[item];
   const int packed_len = w.qo_len * GROUP;
   const int valid_rows = min(CTA_Q, packed_len - w.row_begin);
@@ -344,6 +444,19 @@ batch_prefill(const PrefillParams p) {
     for (int h = 0; h < 2; ++h)
       row_slope[mt][h] = p.alibi_slopes_log2[kv_head * GROUP + (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) % GROUP];
 #endif
+#if USER_VARIANT
+  int row_head[M_TILES][2];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_head[mt][h] = kv_head * GROUP + (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) % GROUP;
+  const float sm_scale = p.sm_scale_log2 * 0.6931471805599453f;  // natural-domain scale
+#endif
+#if VARIANT_ROPE
+  float rope_freq[8];
+  rope_frequencies(p, rope_freq);
+  const int rope_base = p.rope_offsets != nullptr ? p.rope_offsets[w.request] : 0;  // key 0's position
+#endif
   // The exponent's scale: folded in (plain), or already applied to the logits (variants).
   const float score_scale = VARIANT_LOGITS ? 1.f : p.sm_scale_log2;
 
@@ -351,8 +464,15 @@ batch_prefill(const PrefillParams p) {
   float o[M_TILES][HEAD_DIM / 8][4];
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
+#if USER_USE_SOFTMAX
     m[mt][0] = m[mt][1] = NEG_INF;
     d[mt][0] = d[mt][1] = 0.f;
+#else
+    // No softmax: a state of max 0 and denominator 1 (counted once per row, by the warps of the
+    // first key slice), so the epilogue's normalisation leaves the weighted sum as it is.
+    m[mt][0] = m[mt][1] = 0.f;
+    d[mt][0] = d[mt][1] = (warp_kv == 0 && t == 0) ? 1.f : 0.f;
+#endif
 #pragma unroll
     for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
@@ -374,6 +494,44 @@ batch_prefill(const PrefillParams p) {
       }
       cp_async_commit();
     }
+#if VARIANT_ROPE || USER_HAS_QUERY_TRANSFORM || USER_HAS_KEY_TRANSFORM
+    {
+      // Transform this tile's keys (and, on the first tile, the queries) where they sit, then
+      // publish: RoPE, or a user variant's key and query transforms.
+      const int first_key = w.kv_begin + tile * KV_TILE;
+#if USER_HAS_KEY_TRANSFORM
+      transform_tile<KV_TILE>(k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM, [&](int r, int dim, float x) {
+        const int key = first_key + r;
+        return key < kv_stop ? user_key_transform(g_user_params, x, kv_head, key, dim) : x;
+      });
+#endif
+#if USER_HAS_QUERY_TRANSFORM
+      if (tile == 0) {
+        transform_tile<CTA_Q>(q_smem, [&](int r, int dim, float x) {
+          const int row = w.row_begin + r;
+          return r < valid_rows
+                     ? user_query_transform(g_user_params, x, kv_head * GROUP + row % GROUP, diag + row / GROUP, dim)
+                     : x;
+        });
+      }
+#endif
+#if VARIANT_ROPE
+      rope_tile<KV_TILE>(k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM, rope_freq, [&](int r) {
+        const int key = first_key + r;
+        return key < kv_stop ? rope_base + key : -1;
+      });
+      if (tile == 0) {
+        rope_tile<CTA_Q>(q_smem, rope_freq, [&](int r) {
+          return r < valid_rows ? rope_base + diag + (w.row_begin + r) / GROUP : -1;
+        });
+      }
+#endif
+#if PREFILL_WGMMA
+      fence_proxy_async();
+#endif
+      __syncthreads();
+    }
+#endif
     const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
     if (key0 >= kv_stop) continue;
     const DTypeKV* ks = k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
@@ -433,7 +591,16 @@ batch_prefill(const PrefillParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = s[mt][j][e];
-#if VARIANT_SOFTCAP
+#if USER_VARIANT
+          x *= sm_scale;
+#if USER_HAS_LOGITS_TRANSFORM
+          x = user_logits_transform(g_user_params, x, row_head[mt][e >> 1], diag + row_token[mt][e >> 1],
+                                    key0 + j * 8 + 2 * t + (e & 1));
+#endif
+#if USER_USE_SOFTMAX
+          x *= 1.4426950408889634f;  // the softmax's base-2 domain
+#endif
+#elif VARIANT_SOFTCAP
           x = p.softcap_out * tanhf(x * p.softcap_in);
 #else
           x *= p.sm_scale_log2;
@@ -449,7 +616,7 @@ batch_prefill(const PrefillParams p) {
     // start, or carry a custom mask look at each element. Without logits variants the scores stay
     // unscaled here; the scale (> 0, checked by the host) is folded into the exponent below, one
     // FFMA per score.
-    bool full = MASK_MODE != MASK_CUSTOM && key0 + WARP_KV <= unmasked_end;
+    bool full = MASK_MODE != MASK_CUSTOM && !USER_HAS_LOGITS_MASK && key0 + WARP_KV <= unmasked_end;
 #if VARIANT_WINDOW
     full = full && key0 >= window_lo;
 #endif
@@ -475,6 +642,9 @@ batch_prefill(const PrefillParams p) {
                 visible = false;
               }
             }
+#if USER_HAS_LOGITS_MASK
+            visible = visible && user_logits_mask(g_user_params, row_head[mt][e >> 1], diag + token, key);
+#endif
             if (!visible) s[mt][j][e] = NEG_INF;
           }
         }
@@ -485,6 +655,20 @@ batch_prefill(const PrefillParams p) {
     u32 pa[M_TILES][WARP_KV / 16][4];
     float rescale[M_TILES][2];
     bool moved = false;
+#if !USER_USE_SOFTMAX
+    // No softmax: the (transformed) logits are the weights; masked ones weigh nothing.
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+      for (int j = 0; j < NT_KV; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = s[mt][j][e] == NEG_INF ? 0.f : s[mt][j][e];
+        pa[mt][j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[mt][j][0], s[mt][j][1]);
+        pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<DTypeKV>(s[mt][j][2], s[mt][j][3]);
+      }
+      rescale[mt][0] = rescale[mt][1] = 1.f;
+    }
+#else
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt) {
       float m_tile[2] = {NEG_INF, NEG_INF};
@@ -515,6 +699,7 @@ batch_prefill(const PrefillParams p) {
         pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<DTypeKV>(s[mt][j][2], s[mt][j][3]);
       }
     }
+#endif
     // Rescale O only when some row's max moved (most tiles of a long row leave it); the vote is
     // uniform over the warp.
     if (__any_sync(0xffffffffu, moved)) {

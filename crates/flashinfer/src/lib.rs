@@ -10,7 +10,9 @@
 //! - [`block_sparse`]: attention over a block-sparse (BSR) pattern, served by the paged prefill kernel.
 //! - [`prefill`]: batch prefill and append on ragged or paged KV (plan/run, split-KV).
 //! - [`page`]: appending new tokens' K and V to a paged KV cache (plan/run).
+//! - [`rope`]: RoPE applied to the keys of a paged KV cache as a pass of its own (plan/run).
 //! - [`variant`]: attention variants (RoPE, soft cap, ALiBi, sliding window, sinks) and their definitions.
+//! - [`user_variant`]: user-written variants: CUDA snippets for the prefill kernel's hooks, compiled just in time.
 //! - [`plan`]: the schedulers behind each op's `plan()`, pure functions of request lengths.
 //!
 //! See `DESIGN.md` in the repository for the shape of the whole.
@@ -30,6 +32,8 @@ pub mod plan;
 pub mod prefill;
 pub mod random;
 pub mod reference;
+pub mod rope;
+pub mod user_variant;
 pub mod variant;
 
 pub use dtype::{DType, Element};

@@ -133,6 +133,7 @@ impl Variant<'_> {
 /// kernel's parameters).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VariantFlags {
+    pub rope: bool,
     pub soft_cap: bool,
     pub alibi: bool,
     pub window: bool,
@@ -142,6 +143,7 @@ pub struct VariantFlags {
 impl VariantFlags {
     pub fn of(v: &Variant<'_>) -> Self {
         VariantFlags {
+            rope: v.rope.is_some(),
             soft_cap: v.logits_soft_cap.is_some(),
             alibi: v.alibi_slopes.is_some(),
             window: v.window_left.is_some(),
@@ -155,6 +157,7 @@ impl VariantFlags {
     /// kernels keep their names and cache entries).
     pub fn key_suffix(&self) -> String {
         [
+            (self.rope, "_rope"),
             (self.soft_cap, "_cap"),
             (self.alibi, "_alibi"),
             (self.window, "_win"),
@@ -167,6 +170,7 @@ impl VariantFlags {
     /// The `#define` lines that turn the variants on in a kernel's generated source.
     pub fn defines(&self) -> String {
         [
+            (self.rope, "VARIANT_ROPE"),
             (self.soft_cap, "VARIANT_SOFTCAP"),
             (self.alibi, "VARIANT_ALIBI"),
             (self.window, "VARIANT_WINDOW"),

@@ -1,5 +1,5 @@
 //! GPU prefill / append / decode-shaped steps with attention variants (soft cap, ALiBi, sliding
-//! window, sinks, every combination) against the CPU backend's definitions
+//! window, sinks, every combination; fused RoPE alone and with the others) against the CPU backend's definitions
 //! (`reference::batch_attention_paged`), on both matmul backends.
 
 mod support;
@@ -8,7 +8,7 @@ use flashinfer::cuda::{DevSlice, DevSliceMut};
 use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged};
 use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask, PrefillTiles};
 use flashinfer::reference::{self, rel_l2_error};
-use flashinfer::variant::{alibi_slopes, Variant};
+use flashinfer::variant::{alibi_slopes, Rope, Variant};
 use flashinfer::{AttentionParams, DType, MaskMode};
 use support::*;
 
@@ -118,11 +118,15 @@ fn run(
     let got = to_f32(&download(&dev, &out));
     let err = rel_l2_error(&got, &want.iter().map(|&x| x as f64).collect::<Vec<_>>());
     assert!(err <= 1e-2, "{what}: rel err {err}");
+    // Fused RoPE rounds the rotated q and k to bf16 for the tensor cores (the reference rotates in
+    // f64 and keeps them): the logits, hence the LSE, carry that rounding (~3e-3 on a single-key
+    // row); the output stays within DESIGN.md's 1e-2 above.
+    let lse_tol = if variant.rope.is_some() { 1e-2 } else { 2e-3 };
     check_lse(
         &format!("{what} lse"),
         &download(&dev, &lse),
         &want_lse,
-        2e-3,
+        lse_tol,
     );
 }
 
@@ -183,7 +187,83 @@ fn gpu_prefill_variants_match_their_definitions() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_prefill_rejects_rope_until_fused() {
+fn gpu_prefill_fused_rope_matches_its_definition() {
+    let mut rng = Rng::fresh("rope");
+    let slopes = alibi_slopes(32);
+    let sinks: Vec<f32> = (0..32).map(|_| rng.sym(3.0)).collect();
+    // Positions past 30k (offsets) check the angle reduction; 1e4 and 5e5 bases, a scale.
+    const OFFSETS2: [i32; 2] = [31_000, 7];
+    const OFFSETS3: [i32; 3] = [0, 12_345, 3];
+    const OFFSETS1: [i32; 1] = [40_000];
+    for (rope, with_rest) in [
+        (Rope::default(), false),
+        (
+            Rope {
+                theta: 5e5,
+                scale: 8.0,
+            },
+            true,
+        ),
+    ] {
+        for (heads, portable) in [
+            (HeadConfig::new(32, 8, 128).unwrap(), false),
+            (HeadConfig::new(32, 8, 128).unwrap(), true),
+            (HeadConfig::new(32, 32, 64).unwrap(), false),
+            (HeadConfig::new(32, 4, 256).unwrap(), true),
+        ] {
+            let per_head = with_rest && heads.num_qo_heads == 32;
+            let (slopes, sinks) = (slopes.as_slice(), sinks.as_slice());
+            let variant = move |offsets: Option<&'static [i32]>| Variant {
+                rope: Some(rope),
+                rope_offsets: offsets,
+                logits_soft_cap: with_rest.then_some(30.0),
+                window_left: with_rest.then_some(700),
+                alibi_slopes: per_head.then_some(slopes),
+                sinks: per_head.then_some(sinks),
+            };
+            run(
+                &mut rng,
+                &[300, 57],
+                &[300, 1057],
+                heads,
+                true,
+                &variant(Some(&OFFSETS2)),
+                portable,
+            );
+            run(
+                &mut rng,
+                &[1, 1, 1],
+                &[700, 1, 33],
+                heads,
+                true,
+                &variant(Some(&OFFSETS3)),
+                portable,
+            );
+            run(
+                &mut rng,
+                &[3],
+                &[5000],
+                heads,
+                false,
+                &variant(Some(&OFFSETS1)),
+                portable,
+            );
+            run(
+                &mut rng,
+                &[129],
+                &[129],
+                heads,
+                true,
+                &variant(None),
+                portable,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_rope_offsets_must_cover_the_batch() {
     let dev = device();
     let mut op = BatchPrefill::new(
         &dev,
@@ -199,8 +279,21 @@ fn gpu_prefill_rejects_rope_until_fused() {
     .unwrap();
     let v = Variant {
         rope: Some(Default::default()),
+        rope_offsets: Some(&[1, 2, 3]),
         ..Default::default()
     };
-    let e = op.set_variant(&v).unwrap_err();
-    assert!(e.to_string().contains("RoPE"), "{e}");
+    op.set_variant(&v).unwrap();
+    let qo = Ragged::from_lens(&[4, 4]);
+    let e = op
+        .plan(&qo, PrefillKv::Ragged(&qo), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rope_offsets"), "{e}");
+    let neg = Variant {
+        rope: Some(Default::default()),
+        rope_offsets: Some(&[-1]),
+        ..Default::default()
+    };
+    let e = op.set_variant(&neg).unwrap_err().to_string();
+    assert!(e.contains("rope_offsets"), "{e}");
 }

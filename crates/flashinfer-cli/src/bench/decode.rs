@@ -3,14 +3,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flashinfer::cuda::{DevSlice, DevSliceMut, Device, DeviceRepr};
-use flashinfer::decode::{BatchDecode, DecodeConfig, DecodeTiles};
-use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc};
+use flashinfer::cuda::{CudaSlice, DevSlice, DevSliceMut, Device, DeviceRepr, Graph};
+use flashinfer::decode::{BatchDecode, DecodeConfig, DecodeTiles, GraphLimits};
+use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged};
 use flashinfer::random::SplitMix64;
 use flashinfer::reference::{self, rel_l2_error};
-use flashinfer::{AttentionParams, DType, Element};
+use flashinfer::rope::RopeApply;
+use flashinfer::variant::{rope_rotate, Rope, Variant};
+use flashinfer::{AttentionParams, DType, Element, MaskMode};
 
-use super::timing::Timer;
+use super::timing::{Stats, Timer};
 use super::{npy, parse_heads, HBM_BYTES_PER_S};
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +72,129 @@ pub struct DecodeArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also time a CUDA graph of N decode layers: N KV caches of the same shape (fresh random
+    /// data each), one plan() of a CUDA-graph-mode op, N run()s (each into its own output)
+    /// captured in one graph and replayed with the L2 flushed before each replay; prints the
+    /// time per layer (replay / N) beside the single run's. Needs the engine's kernel (no
+    /// --path/--nstage/--kt/--no-prefetch) and N caches' memory on the GPU.
+    #[arg(long)]
+    pub graph_layers: Option<usize>,
+    /// Fused RoPE (the default base 1e4, scale 1): each request's keys start at a random offset
+    /// in [0, 1000); the decode kernel rotates q and every key as it reads them.
+    #[arg(long, conflicts_with = "rope_separate")]
+    pub rope: bool,
+    /// The unfused baseline of --rope (same offsets): a separate kernel rotates the cached keys
+    /// into a copy of the pool and the queries into a copy, then a plain decode reads the
+    /// copies; the three launches are timed together.
+    #[arg(long)]
+    pub rope_separate: bool,
+}
+
+/// How a run applies RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RopeMode {
+    None,
+    Fused,
+    Separate,
+}
+
+impl RopeMode {
+    fn of(a: &DecodeArgs) -> Self {
+        match (a.rope, a.rope_separate) {
+            (true, _) => RopeMode::Fused,
+            (false, true) => RopeMode::Separate,
+            (false, false) => RopeMode::None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RopeMode::None => "none",
+            RopeMode::Fused => "fused",
+            RopeMode::Separate => "separate",
+        }
+    }
+}
+
+/// The separate RoPE pass of `--rope-separate`: its two ops (keys of the pool, queries) and the
+/// rotated copies the decode reads.
+struct SeparateRope<T> {
+    keys: RopeApply,
+    queries: RopeApply,
+    q_desc: PagedKvDesc,
+    k_rot: CudaSlice<T>,
+    q_rot: CudaSlice<T>,
+}
+
+impl<T: Element + DeviceRepr> SeparateRope<T> {
+    /// Plans the rotation of `table`'s keys (request `r` from `offsets[r]`) and of each request's
+    /// query (at its last key's position; an empty request's query, whose output is zeros
+    /// whatever it is, at its offset).
+    fn new(
+        dev: &Arc<Device>,
+        table: &PageTable,
+        desc: &PagedKvDesc,
+        heads: HeadConfig,
+        offsets: &[i32],
+    ) -> Result<Self, String> {
+        let err = |e: flashinfer::Error| e.to_string();
+        let d = |e: flashinfer::cuda::DriverError| e.to_string();
+        let rope = Rope::default();
+        let mut keys = RopeApply::new(dev, T::DTYPE).map_err(err)?;
+        keys.plan(table, desc, rope, Some(offsets)).map_err(err)?;
+        // The queries `[batch, num_qo_heads, head_dim]` are a pool of one-slot pages, one per
+        // request.
+        let batch = table.batch_size();
+        let q_desc = PagedKvDesc::new(KvLayout::Nhd, batch, 1, heads.num_qo_heads, heads.head_dim)
+            .map_err(err)?;
+        let ids: Vec<i32> = (0..batch as i32).collect();
+        let q_table = PageTable::from_kv_lens(&vec![1; batch], 1, &ids, batch).map_err(err)?;
+        let q_pos: Vec<i32> = table
+            .kv_lens()
+            .iter()
+            .zip(offsets)
+            .map(|(&l, &o)| o + l.saturating_sub(1) as i32)
+            .collect();
+        let mut queries = RopeApply::new(dev, T::DTYPE).map_err(err)?;
+        queries
+            .plan(&q_table, &q_desc, rope, Some(&q_pos))
+            .map_err(err)?;
+        // The copies start as NaN: a slot the pass failed to write fails the checks.
+        let st = dev.stream();
+        let nan = |n: usize| st.clone_htod(&vec![T::from_f32(f32::NAN); n]).map_err(d);
+        Ok(Self {
+            keys,
+            queries,
+            q_desc,
+            k_rot: nan(desc.required_len())?,
+            q_rot: nan(q_desc.required_len())?,
+        })
+    }
+
+    /// Rotates the keys of `dk` and the queries of `dq` into the copies.
+    fn run(
+        &mut self,
+        st: &Arc<flashinfer::cuda::CudaStream>,
+        dq: &CudaSlice<T>,
+        dk: &CudaSlice<T>,
+        desc: &PagedKvDesc,
+    ) -> Result<(), String> {
+        let err = |e: flashinfer::Error| e.to_string();
+        self.keys
+            .run(
+                DevSlice::new(dk, st),
+                DevSliceMut::new(&mut self.k_rot, st),
+                desc,
+            )
+            .map_err(err)?;
+        self.queries
+            .run(
+                DevSlice::new(dq, st),
+                DevSliceMut::new(&mut self.q_rot, st),
+                &self.q_desc,
+            )
+            .map_err(err)
+    }
 }
 
 pub fn run(a: DecodeArgs) -> Result<(), String> {
@@ -133,6 +258,18 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     let v: Vec<T> = rng.vec(desc.required_len(), 1.0);
     let q: Vec<T> = rng.vec(lens.len() * hq * a.head_dim, 1.0);
     let params = AttentionParams::default();
+    let rope_mode = RopeMode::of(&a);
+    if rope_mode != RopeMode::None && (a.graph_layers.is_some() || a.save.is_some()) {
+        return Err(
+            "--rope and --rope-separate time the single run: drop --graph-layers and --save".into(),
+        );
+    }
+    // Drawn after the inputs, so that these are the inputs of a plain run with the same seed.
+    let offsets: Vec<i32> = match rope_mode {
+        RopeMode::None => Vec::new(),
+        _ => (0..lens.len()).map(|_| rng.below(1000) as i32).collect(),
+    };
+    let rope_offsets = (rope_mode != RopeMode::None).then_some(offsets.as_slice());
 
     let cfg = DecodeConfig {
         heads,
@@ -157,6 +294,14 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     }
     tiles.l2_prefetch = !a.no_prefetch;
     let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).map_err(err)?;
+    if rope_mode == RopeMode::Fused {
+        op.set_variant(&Variant {
+            rope: Some(Rope::default()),
+            rope_offsets,
+            ..Default::default()
+        })
+        .map_err(err)?;
+    }
     op.plan(&table).map_err(err)?;
     let d = |e: flashinfer::cuda::DriverError| e.to_string();
     let dq = st.clone_htod(&q).map_err(d)?;
@@ -166,10 +311,37 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     let mut dout = st
         .clone_htod(&vec![T::from_f32(f32::NAN); q.len()])
         .map_err(d)?;
-    let run_once = |dout: &mut flashinfer::cuda::CudaSlice<T>| {
+    let checked = checked_requests(&lens);
+    let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 2e-3 };
+    // --rope-separate: the separate pass, its rotated keys checked against the CPU's rotation
+    // before anything is timed.
+    let mut separate = match rope_mode {
+        RopeMode::Separate => {
+            let mut sep = SeparateRope::<T>::new(&dev, &table, &desc, heads, &offsets)?;
+            sep.run(&st, &dq, &dk, &desc)?;
+            st.synchronize().map_err(d)?;
+            let k_rot: Vec<T> = st.clone_dtoh(&sep.k_rot).map_err(d)?;
+            let worst = check_rotated_keys(&k, &k_rot, &table, &desc, &offsets, &checked)?;
+            if worst > tol {
+                return Err(format!(
+                    "rotated keys check failed: rel L2 error {worst:.3e} > {tol:.0e}"
+                ));
+            }
+            Some(sep)
+        }
+        _ => None,
+    };
+    let mut run_once = |dout: &mut flashinfer::cuda::CudaSlice<T>| {
+        let (q_in, k_in) = match &mut separate {
+            Some(sep) => {
+                sep.run(&st, &dq, &dk, &desc)?;
+                (&sep.q_rot, &sep.k_rot)
+            }
+            None => (&dq, &dk),
+        };
         op.run(
-            DevSlice::new(&dq, &st),
-            DevSlice::new(&dk, &st),
+            DevSlice::new(q_in, &st),
+            DevSlice::new(k_in, &st),
             DevSlice::new(&dv, &st),
             &desc,
             DevSlice::new(&di, &st),
@@ -183,42 +355,18 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     run_once(&mut dout)?;
     st.synchronize().map_err(d)?;
     let out: Vec<T> = st.clone_dtoh(&dout).map_err(d)?;
-    let pool = PagedKv::new(desc, &k, &v).map_err(err)?;
-    let row = hq * a.head_dim;
-    let mut worst = 0f64;
-    let checked = checked_requests(&lens);
-    for &r in &checked {
-        let sub = PageTable::new(
-            &[0, table.pages(r).len() as i32],
-            table.pages(r),
-            &[table.kv_last_page_len()[r]],
-            a.page_size,
-            num_pages,
-        )
-        .map_err(err)?;
-        let q32: Vec<f32> = q[r * row..(r + 1) * row]
-            .iter()
-            .map(|x| x.to_f32())
-            .collect();
-        let mut want = vec![0f32; row];
-        reference::batch_decode(&q32, &pool, &sub, heads, &params, &mut want, None).map_err(err)?;
-        let got: Vec<f32> = out[r * row..(r + 1) * row]
-            .iter()
-            .map(|x| x.to_f32())
-            .collect();
-        let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-        let e = if lens[r] == 0 {
-            if got.iter().all(|&x| x == 0.0) {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        } else {
-            rel_l2_error(&got, &want64)
-        };
-        worst = worst.max(e);
-    }
-    let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 2e-3 };
+    let worst = check_variant(
+        &q,
+        &k,
+        &v,
+        &out,
+        &table,
+        &desc,
+        heads,
+        &params,
+        &checked,
+        rope_offsets,
+    )?;
     if worst > tol {
         return Err(format!(
             "result check failed: rel L2 error {worst:.3e} > {tol:.0e}"
@@ -231,6 +379,12 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
 
     let mut timer = Timer::new(&dev)?;
     let stats = timer.time(a.warmup, a.runs.max(30), || run_once(&mut dout))?;
+    let graph = match a.graph_layers {
+        Some(layers) => Some(time_graph_layers::<T>(
+            &a, layers, &dev, cfg, &tiles, &table, &desc, heads, &mut rng, &mut timer,
+        )?),
+        None => None,
+    };
     let esz = T::DTYPE.size_bytes() as f64;
     let kv_bytes = lens.iter().sum::<usize>() as f64 * (hk * a.head_dim) as f64 * 2.0 * esz;
     let bytes = kv_bytes + 2.0 * q.len() as f64 * esz + table.kv_indices().len() as f64 * 4.0;
@@ -250,9 +404,10 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{}}}",
+            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{}}}",
             dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
-            op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len()
+            op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len(), rope_mode.name(),
+            graph.as_ref().map_or(String::new(), |g| g.json(&stats))
         );
     } else {
         println!(
@@ -268,6 +423,16 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
             op.tiles().name(),
             op.schedule().work.len()
         );
+        match rope_mode {
+            RopeMode::None => {}
+            RopeMode::Fused => println!(
+                "  rope: fused (base 1e4, scale 1, offsets in [0, 1000))"
+            ),
+            RopeMode::Separate => println!(
+                "  rope: separate pass (keys into a copy of the pool, queries into a copy, then the \
+                 plain decode; timed together; floor and TB/s count the decode's bytes only)"
+            ),
+        }
         println!(
             "  check: {} requests vs CPU backend, worst rel L2 {worst:.2e} (tol {tol:.0e})",
             checked.len()
@@ -276,8 +441,323 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
             "  median {:.1} us (min {:.1}, max {:.1}, {} runs, L2 flushed)  {:.2} TB/s  floor {:.1} us  {:.1}% of floor",
             stats.median_us, stats.min_us, stats.max_us, stats.runs, tbps, floor_us, pct
         );
+        if let Some(g) = &graph {
+            g.print(&stats);
+        }
     }
     Ok(())
+}
+
+/// Worst relative L2 error of `out` against the CPU backend over the `checked` requests, each
+/// recomputed alone (a table of its own pages), empty requests required to be exact zeros.
+#[allow(clippy::too_many_arguments)]
+fn check<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    table: &PageTable,
+    desc: &PagedKvDesc,
+    heads: HeadConfig,
+    params: &AttentionParams,
+    checked: &[usize],
+) -> Result<f64, String> {
+    check_variant(q, k, v, out, table, desc, heads, params, checked, None)
+}
+
+/// [`check`], with RoPE (the default base and scale, request `r` from `rope_offsets[r]`) when
+/// `rope_offsets` is given.
+#[allow(clippy::too_many_arguments)]
+fn check_variant<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    table: &PageTable,
+    desc: &PagedKvDesc,
+    heads: HeadConfig,
+    params: &AttentionParams,
+    checked: &[usize],
+    rope_offsets: Option<&[i32]>,
+) -> Result<f64, String> {
+    let err = |e: flashinfer::Error| e.to_string();
+    let pool = PagedKv::new(*desc, k, v).map_err(err)?;
+    let row = heads.num_qo_heads * heads.head_dim;
+    let kv_lens = table.kv_lens();
+    let mut worst = 0f64;
+    for &r in checked {
+        let sub = PageTable::new(
+            &[0, table.pages(r).len() as i32],
+            table.pages(r),
+            &[table.kv_last_page_len()[r]],
+            table.page_size(),
+            desc.num_pages,
+        )
+        .map_err(err)?;
+        let q32: Vec<f32> = q[r * row..(r + 1) * row]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let mut want = vec![0f32; row];
+        match rope_offsets {
+            None => reference::batch_decode(&q32, &pool, &sub, heads, params, &mut want, None)
+                .map_err(err)?,
+            Some(offsets) => reference::batch_attention_paged(
+                &q32,
+                &Ragged::from_lens(&[1]),
+                &pool,
+                &sub,
+                heads,
+                MaskMode::Causal,
+                params,
+                &Variant {
+                    rope: Some(Rope::default()),
+                    rope_offsets: Some(&offsets[r..r + 1]),
+                    ..Default::default()
+                },
+                &mut want,
+                None,
+            )
+            .map_err(err)?,
+        }
+        let got: Vec<f32> = out[r * row..(r + 1) * row]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        let e = if kv_lens[r] == 0 {
+            if got.iter().all(|&x| x == 0.0) {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            rel_l2_error(&got, &want64)
+        };
+        worst = worst.max(e);
+    }
+    Ok(worst)
+}
+
+/// Worst relative L2 error, per checked request and KV head, of the keys `k_rot` that the separate
+/// RoPE pass wrote against the CPU's rotation (`variant::rope_rotate`, in f64) of the original
+/// keys `k`: key `j` of request `r` at position `offsets[r] + j`.
+fn check_rotated_keys<T: Element>(
+    k: &[T],
+    k_rot: &[T],
+    table: &PageTable,
+    desc: &PagedKvDesc,
+    offsets: &[i32],
+    checked: &[usize],
+) -> Result<f64, String> {
+    let rope = Rope::default();
+    let d = desc.head_dim;
+    let mut worst = 0f64;
+    for &r in checked {
+        for h in 0..desc.num_kv_heads {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            for j in 0..table.kv_len(r) {
+                let (page, slot) = table.locate(r, j);
+                let at = desc.k_offset(page, slot, h);
+                let mut x: Vec<f32> = k[at..at + d].iter().map(|e| e.to_f32()).collect();
+                rope_rotate(&mut x, (offsets[r] as usize + j) as f64, &rope);
+                want.extend(x.iter().map(|&e| e as f64));
+                got.extend(k_rot[at..at + d].iter().map(|e| e.to_f32()));
+            }
+            if !want.is_empty() {
+                worst = worst.max(rel_l2_error(&got, &want));
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// What `--graph-layers` measured.
+struct GraphTiming {
+    layers: usize,
+    /// Replays of the whole graph (all layers).
+    replay: Stats,
+    /// One run of the CUDA-graph-mode op on its own (its grid has room for the most work items
+    /// any plan of the batch makes, so it may launch more blocks than the plain op).
+    graph_op_single: Stats,
+    /// Worst error of the checked layer against the CPU backend.
+    check_err: f64,
+    checked_layer: usize,
+}
+
+impl GraphTiming {
+    fn per_layer_us(&self) -> f64 {
+        self.replay.median_us / self.layers as f64
+    }
+
+    fn print(&self, single: &Stats) {
+        let per_layer = self.per_layer_us();
+        println!(
+            "  graph of {} layers: replay median {:.1} us (min {:.1}, max {:.1}, {} replays, L2 flushed)  \
+             {per_layer:.1} us per layer = {:.3} x the single run ({:.1} us)",
+            self.layers,
+            self.replay.median_us,
+            self.replay.min_us,
+            self.replay.max_us,
+            self.replay.runs,
+            per_layer / single.median_us,
+            single.median_us
+        );
+        println!(
+            "  graph-mode op alone: median {:.1} us; layer {} checked vs CPU backend, worst rel L2 {:.2e}",
+            self.graph_op_single.median_us, self.checked_layer, self.check_err
+        );
+    }
+
+    /// Fields appended to the JSON line.
+    fn json(&self, single: &Stats) -> String {
+        format!(
+            ",\"graph_layers\":{},\"graph_replay_median_us\":{:.2},\"graph_replay_min_us\":{:.2},\"graph_replays\":{},\"graph_per_layer_us\":{:.2},\"graph_per_layer_vs_single\":{:.4},\"graph_op_single_us\":{:.2},\"graph_check_rel_err\":{:.3e}",
+            self.layers,
+            self.replay.median_us,
+            self.replay.min_us,
+            self.replay.runs,
+            self.per_layer_us(),
+            self.per_layer_us() / single.median_us,
+            self.graph_op_single.median_us,
+            self.check_err
+        )
+    }
+}
+
+/// `--graph-layers`: `layers` decode layers of the batch `table` describes, each over its own KV
+/// cache (same shape, fresh random data) and queries, into its own output; one plan() of a
+/// CUDA-graph-mode op (a serving loop's), every layer's run() captured in one graph. The last
+/// layer is checked against the CPU backend and every output for NaN (outputs start poisoned)
+/// before timing.
+#[allow(clippy::too_many_arguments)]
+fn time_graph_layers<T: Element + DeviceRepr>(
+    a: &DecodeArgs,
+    layers: usize,
+    dev: &Arc<Device>,
+    cfg: DecodeConfig,
+    tiles: &DecodeTiles,
+    table: &PageTable,
+    desc: &PagedKvDesc,
+    heads: HeadConfig,
+    rng: &mut SplitMix64,
+    timer: &mut Timer,
+) -> Result<GraphTiming, String> {
+    let err = |e: flashinfer::Error| e.to_string();
+    let d = |e: flashinfer::cuda::DriverError| e.to_string();
+    if layers == 0 {
+        return Err("--graph-layers must be at least 1".into());
+    }
+    let st = dev.stream().clone();
+    let esz = T::DTYPE.size_bytes();
+    let q_len = table.batch_size() * heads.num_qo_heads * heads.head_dim;
+    let cache_bytes = 2 * desc.required_len() * esz;
+    // Each layer: its K and V caches, its queries and its output.
+    let need = layers * (cache_bytes + 2 * q_len * esz);
+    // Room for the op's workspace, the graph and the allocator's rounding.
+    let margin = 512 << 20;
+    let (free, total) = dev.context().mem_get_info().map_err(d)?;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    if need + margin > free {
+        return Err(format!(
+            "--graph-layers {layers}: {layers} layers of {:.2} GiB of KV cache each need {:.1} GiB, \
+             and the GPU has {:.1} GiB free of {:.1} GiB; use fewer layers or a smaller batch",
+            gib(cache_bytes),
+            gib(need),
+            gib(free),
+            gib(total)
+        ));
+    }
+
+    let limits = GraphLimits {
+        max_batch: table.batch_size(),
+        max_pages: table.kv_indices().len(),
+    };
+    let mut op = BatchDecode::for_cuda_graph(dev, cfg, limits).map_err(err)?;
+    if op.tiles() != tiles {
+        return Err(format!(
+            "--graph-layers runs the engine's kernel {}, the single run used {}: drop \
+             --path/--nstage/--kt/--no-prefetch to compare them",
+            op.tiles().name(),
+            tiles.name()
+        ));
+    }
+    op.plan(table).map_err(err)?;
+    let di = st.clone_htod(table.kv_indices()).map_err(d)?;
+
+    // Every layer gets its own device buffers (so no layer's KV is served from L2 by another's),
+    // uploaded from one set of fresh random host data: generating 32 GB of random numbers on
+    // the host would take minutes and the kernel's time does not depend on the values.
+    let k: Vec<T> = rng.vec(desc.required_len(), 1.0);
+    let v: Vec<T> = rng.vec(desc.required_len(), 1.0);
+    let q: Vec<T> = rng.vec(q_len, 1.0);
+    let (mut dqs, mut dks, mut dvs, mut douts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..layers {
+        dks.push(st.clone_htod(&k).map_err(d)?);
+        dvs.push(st.clone_htod(&v).map_err(d)?);
+        dqs.push(st.clone_htod(&q).map_err(d)?);
+        douts.push(
+            st.clone_htod(&vec![T::from_f32(f32::NAN); q_len])
+                .map_err(d)?,
+        );
+    }
+    let kept = Some((q, k, v));
+    let checked_layer = layers - 1;
+    let (q, k, v) = kept.ok_or("no layer was built")?;
+
+    let run_layer = |l: usize, out: &mut CudaSlice<T>| {
+        op.run(
+            DevSlice::new(&dqs[l], &st),
+            DevSlice::new(&dks[l], &st),
+            DevSlice::new(&dvs[l], &st),
+            desc,
+            DevSlice::new(&di, &st),
+            DevSliceMut::new(out, &st),
+            None,
+        )
+    };
+    let graph = Graph::capture(&st, || {
+        for (l, out) in douts.iter_mut().enumerate() {
+            run_layer(l, out)?;
+        }
+        Ok(())
+    })
+    .map_err(err)?;
+
+    // One replay, checked before timing.
+    graph.replay().map_err(err)?;
+    st.synchronize().map_err(d)?;
+    for (l, out) in douts.iter().enumerate() {
+        let host: Vec<T> = st.clone_dtoh(out).map_err(d)?;
+        if host.iter().any(|x| x.to_f32().is_nan()) {
+            return Err(format!(
+                "graph check failed: layer {l}'s output has NaN (left unwritten?)"
+            ));
+        }
+    }
+    let out: Vec<T> = st.clone_dtoh(&douts[checked_layer]).map_err(d)?;
+    let checked = checked_requests(&table.kv_lens());
+    let params = cfg.params;
+    let check_err = check(&q, &k, &v, &out, table, desc, heads, &params, &checked)?;
+    let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 2e-3 };
+    if check_err > tol {
+        return Err(format!(
+            "graph check failed: layer {checked_layer} rel L2 error {check_err:.3e} > {tol:.0e}"
+        ));
+    }
+
+    let runs = a.runs.max(30);
+    let graph_op_single = timer.time(a.warmup, runs, || {
+        run_layer(checked_layer, &mut douts[checked_layer]).map_err(err)
+    })?;
+    let replay = timer.time(a.warmup, runs, || graph.replay().map_err(err))?;
+    Ok(GraphTiming {
+        layers,
+        replay,
+        graph_op_single,
+        check_err,
+        checked_layer,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

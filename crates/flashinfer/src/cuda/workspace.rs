@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 
 use crate::error::{Error, Result};
 
@@ -13,6 +14,9 @@ pub struct Workspace {
     ptr: CUdeviceptr,
     bytes: usize,
     _owned: Option<CudaSlice<u8>>,
+    /// Page-locked staging of `upload_plan` (a true asynchronous copy, no driver-side staging of
+    /// pageable memory), and the event after its last copy: rewritten only once that copy is done.
+    staging: Option<(PinnedHostSlice<u8>, CudaEvent)>,
 }
 
 impl Workspace {
@@ -28,6 +32,7 @@ impl Workspace {
             ptr,
             bytes,
             _owned: Some(buf),
+            staging: None,
         })
     }
 
@@ -41,6 +46,7 @@ impl Workspace {
             ptr,
             bytes,
             _owned: None,
+            staging: None,
         }
     }
 
@@ -110,7 +116,7 @@ impl Workspace {
     /// items and the items where `layout` puts them, and zeros everywhere else up to the partial
     /// states (the counters, which kernels expect zeroed).
     pub fn upload_plan<T: PlanItem>(
-        &self,
+        &mut self,
         stream: &CudaStream,
         layout: &PlanLayout,
         items: &[T],
@@ -127,14 +133,31 @@ impl Workspace {
                 given: self.bytes,
             });
         }
-        let mut host = vec![0u8; len];
+        let ctx = stream.context();
+        if self.staging.as_ref().is_none_or(|(b, _)| b.len() < len) {
+            if let Some((_, done)) = &self.staging {
+                done.synchronize()?;
+            }
+            // SAFETY: every byte of the staging buffer a copy reads is written below first.
+            let buf = unsafe { ctx.alloc_pinned::<u8>(len.next_power_of_two().max(4096)) }?;
+            let done = ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+            self.staging = Some((buf, done));
+        }
+        let Some((buf, done)) = self.staging.as_mut() else {
+            return Err(crate::error::invalid("workspace", "no staging buffer"));
+        };
+        // The previous plan's copy must have read the buffer before it is rewritten (it usually
+        // has: a step's launches sit between two plans).
+        done.synchronize()?;
+        let host = &mut buf.as_mut_slice()?[..len];
+        host[..items_at].fill(0);
         host[count_at..count_at + 4].copy_from_slice(&count.to_ne_bytes());
         // SAFETY: T is PlanItem: repr(C) with every byte initialised.
         let bytes = unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, item_bytes) };
         host[items_at..items_at + item_bytes].copy_from_slice(bytes);
-        // SAFETY: the workspace holds at least len bytes (checked); the copy is ordered on the
-        // stream before any later launch on it, and the source is pageable host memory, which the
-        // driver stages before the call returns (so `host` may be dropped right after).
+        host[items_at + item_bytes..].fill(0); // padding and the arrival counters
+                                               // SAFETY: the workspace holds at least len bytes (checked); the source is page-locked and
+                                               // not written again before `done` (recorded right after) has completed.
         unsafe {
             cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
                 self.ptr,
@@ -144,6 +167,7 @@ impl Workspace {
             )
             .result()?;
         }
+        done.record(stream)?;
         Ok(())
     }
 }

@@ -4,9 +4,11 @@
 //! long requests when the batch cannot fill the GPU, and copies the work list into the workspace in
 //! one transfer. `run()` validates the device tensors and launches one kernel; when a request was
 //! split, the last of its blocks to finish merges the partial states (kernels/decode_common.cuh).
+//! `set_variant` adds RoPE, a soft cap, ALiBi, a sliding window and sinks (decode/variant.rs).
 
 mod fastdiv;
 mod tiles;
+mod variant;
 
 pub(crate) use fastdiv::fast_div_params;
 
@@ -16,6 +18,7 @@ pub use crate::plan::decode::{
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use cudarc::driver::sys;
@@ -28,6 +31,8 @@ use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
 use crate::layout::{HeadConfig, PageTable, PagedKvDesc};
 use crate::params::AttentionParams;
+use crate::variant::Variant;
+use variant::DecodeVariant;
 
 // SAFETY: DecodeWork is repr(C) with seven i32 fields: no padding.
 unsafe impl PlanItem for DecodeWork {}
@@ -67,10 +72,18 @@ struct DecodeParams {
     num_qo_heads: i32,
     sm_scale_log2: f32,
     lse_out_scale: f32,
+    softcap_in: f32,
+    softcap_out: f32,
+    alibi_slopes_log2: u64,
+    sinks_log2: u64,
+    kv_lens: u64,
+    rope_offsets: u64,
+    rope_rcp_scale: f32,
+    rope_log2_theta: f32,
 }
 
 // The kernel static_asserts the same size: a field added on one side only fails to compile.
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 136);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 184);
 
 /// What a CUDA-graph-mode decode is sized for: every plan must fit these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +128,14 @@ pub struct BatchDecode {
     graph: Option<GraphShape>,
     /// Batch-invariant mode's fixed split size.
     fixed_chunk: Option<usize>,
+    variant: DecodeVariant,
+}
+
+/// Compiles (or loads from the cache) the kernel of `tiles`.
+fn load_kernel(dev: &Device, tiles: &DecodeTiles) -> Result<KernelFunction> {
+    let module = dev.module(&tiles.spec())?;
+    module.set_max_dynamic_shared_bytes("batch_decode", tiles.smem_bytes())?;
+    module.kernel("batch_decode")
 }
 
 impl BatchDecode {
@@ -145,9 +166,13 @@ impl BatchDecode {
             "tiles",
             || format!("{tiles:?} does not match the configuration {cfg:?}"),
         )?;
-        let module = dev.module(&tiles.spec())?;
-        module.set_max_dynamic_shared_bytes("batch_decode", tiles.smem_bytes())?;
-        let decode_fn = module.kernel("batch_decode")?;
+        ensure(tiles.variant.is_plain(), "tiles", || {
+            format!(
+                "{tiles:?} compiles a variant in; variants are given to set_variant(), which \
+                 also passes their values"
+            )
+        })?;
+        let decode_fn = load_kernel(dev, &tiles)?;
         let workspace = Workspace::new(dev.stream(), 1 << 20)?;
         Ok(Self {
             dev: dev.clone(),
@@ -163,6 +188,7 @@ impl BatchDecode {
             planned: false,
             graph: None,
             fixed_chunk: None,
+            variant: DecodeVariant::default(),
         })
     }
 
@@ -204,6 +230,37 @@ impl BatchDecode {
         Ok(())
     }
 
+    /// Attention variant of every later `plan()` and `run()`: RoPE (fused: q and every key are
+    /// rotated in the kernel), logits soft cap, ALiBi, sliding window and sinks, in any
+    /// combination (definitions in [`crate::variant`]; the query of a request of `kv_len` keys is
+    /// at position `kv_len - 1`, plus its `rope_offsets` entry under RoPE), on the kernel path this
+    /// op runs. Compiles (or loads) the variant's kernel and copies the per-head slopes and sinks
+    /// to the device, once. The current plan is dropped: call `plan()` before the next `run()`
+    /// (and, in CUDA-graph mode, capture `run()` again, unless only the offsets changed).
+    ///
+    /// `rope_offsets` are per request, so a step whose batch changes calls this again with the
+    /// step's offsets (`plan()` checks that they cover its batch, and uploads them). A call that
+    /// changes nothing but the offsets keeps the kernel and every device address: a CUDA graph
+    /// captured before stays valid after the next `plan()`. On an error the op keeps its previous
+    /// variant and plan.
+    pub fn set_variant(&mut self, variant: &Variant<'_>) -> Result<()> {
+        if self.variant.same_except_offsets(variant) {
+            self.variant.set_offsets(self.cfg.heads, variant)?;
+            self.planned = false;
+            return Ok(());
+        }
+        let state = DecodeVariant::new(self.dev.stream(), self.cfg.heads, variant)?;
+        let tiles = DecodeTiles {
+            variant: state.kernel_flags,
+            ..self.tiles
+        };
+        self.decode_fn = load_kernel(&self.dev, &tiles)?;
+        self.tiles = tiles;
+        self.variant = state;
+        self.planned = false;
+        Ok(())
+    }
+
     /// Blocks of this kernel resident on the whole GPU at once.
     fn wave(&self) -> usize {
         let info = self.dev.info();
@@ -231,22 +288,31 @@ impl BatchDecode {
             "table",
             || "a request is too long".into(),
         )?;
+        // RoPE's offsets: one per request, positions inside i32 (before anything changes).
+        self.variant.check_batch(&kv_lens)?;
+        // A sliding window: only the keys inside it are planned (decode/variant.rs); the items are
+        // moved to start at the window below.
+        let window_starts = self.variant.window_starts(&kv_lens);
+        let planned_lens: Cow<[usize]> = match &window_starts {
+            Some(starts) => kv_lens.iter().zip(starts).map(|(l, s)| l - s).collect(),
+            None => Cow::Borrowed(&kv_lens),
+        };
         let wave = self.wave();
         let page_begin = &table.kv_indptr()[..table.batch_size()];
         let max_pieces = self.tiles.smem_bytes() / (4 * self.cfg.heads.group_size());
-        let s = match self.fixed_chunk {
+        let mut s = match self.fixed_chunk {
             Some(chunk) => {
-                let longest = kv_lens.iter().copied().max().unwrap_or(0);
+                let longest = planned_lens.iter().copied().max().unwrap_or(0);
                 ensure(longest.div_ceil(chunk) <= max_pieces, "chunk", || {
                     format!(
                         "{chunk} cuts a {longest}-token request into more than the {max_pieces} \
                          pieces one merge holds"
                     )
                 })?;
-                plan_decode_fixed_chunk(&kv_lens, page_begin, chunk)
+                plan_decode_fixed_chunk(&planned_lens, page_begin, chunk)
             }
             None => plan_decode(
-                &kv_lens,
+                &planned_lens,
                 page_begin,
                 self.cfg.heads.num_kv_heads,
                 wave,
@@ -254,6 +320,13 @@ impl BatchDecode {
                 self.cfg.allow_split,
             ),
         };
+        if let Some(starts) = &window_starts {
+            // Key positions (and pages) stay those of the request: an item's keys are
+            // kv_start.. from the request's first page.
+            for w in &mut s.work {
+                w.kv_start += starts[w.request as usize] as i32;
+            }
+        }
         let h = self.cfg.heads;
         let l = match self.graph {
             Some(g) => {
@@ -294,6 +367,16 @@ impl BatchDecode {
                 l
             }
         };
+        // ALiBi's and RoPE's query positions, and RoPE's offsets (a second small copy; only for
+        // variants that read them). In CUDA-graph mode sized for the largest batch once, so that
+        // its address never changes.
+        let capacity = self
+            .graph
+            .map_or(table.batch_size().next_power_of_two(), |g| {
+                g.limits.max_batch
+            });
+        self.variant
+            .upload_requests(self.dev.stream(), &kv_lens, capacity)?;
         // The item count, the work list and the zeroed counters, in one transfer.
         self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
         self.schedule = s;
@@ -418,6 +501,10 @@ impl BatchDecode {
 
         let ws = self.workspace.ptr();
         let page_div = fastdiv::fast_div_params(kv.page_size as u32);
+        let sm_scale = cfg.params.scale(h.head_dim);
+        let var = self
+            .variant
+            .params(self.dev.stream(), sm_scale, h.num_qo_heads)?;
         let params = DecodeParams {
             q: q.ptr(),
             k: k_cache.ptr(),
@@ -437,8 +524,16 @@ impl BatchDecode {
             page_size_div_magic: page_div.0,
             page_size_div_shift: page_div.1,
             num_qo_heads: h.num_qo_heads as i32,
-            sm_scale_log2: cfg.params.scale(h.head_dim) * std::f32::consts::LOG2_E,
+            sm_scale_log2: sm_scale * std::f32::consts::LOG2_E,
             lse_out_scale: cfg.params.lse_base.from_log2(1.0),
+            softcap_in: var.softcap_in,
+            softcap_out: var.softcap_out,
+            alibi_slopes_log2: var.alibi_slopes_log2,
+            sinks_log2: var.sinks_log2,
+            kv_lens: var.kv_lens,
+            rope_offsets: var.rope_offsets,
+            rope_rcp_scale: var.rope_rcp_scale,
+            rope_log2_theta: var.rope_log2_theta,
         };
         let launch_cfg = LaunchConfig {
             grid: (
@@ -451,9 +546,12 @@ impl BatchDecode {
         };
         let stream = self.dev.stream();
         let mut args = crate::kernel_args![&params];
-        // SAFETY: params matches DecodeParams in decode.cuh; every pointer was checked above to
-        // cover the shapes, the work list was written by plan() for this table, and the partial
-        // buffers fit in the workspace (checked).
+        // SAFETY: params matches DecodeParams in decode_common.cuh; every pointer was checked
+        // above to cover the shapes, the work list was written by plan() for this table, and the
+        // partial buffers fit in the workspace (checked). The variant's tensors hold one entry
+        // per query head and, for kv_lens and rope_offsets, per request of the plan
+        // (decode/variant.rs); a kernel reads only those its variant compiles in, which
+        // set_variant() uploaded or the plan did.
         unsafe { launch(self.decode_fn.raw(), launch_cfg, stream, &mut args)? };
         Ok(())
     }
@@ -517,6 +615,12 @@ impl SingleDecode {
         Ok(Self {
             inner: BatchDecode::new(dev, cfg)?,
         })
+    }
+
+    /// Attention variant of every later `run()`, as [`BatchDecode::set_variant`] (the query is
+    /// at position `kv_len - 1`; `rope_offsets`, if given, has the one request's entry).
+    pub fn set_variant(&mut self, variant: &Variant<'_>) -> Result<()> {
+        self.inner.set_variant(variant)
     }
 
     /// `q`, `o`: `[num_qo_heads, head_dim]`; `k`, `v`: `[kv_len, num_kv_heads, head_dim]`;

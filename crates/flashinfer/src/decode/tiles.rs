@@ -9,6 +9,7 @@
 
 use crate::dtype::DType;
 use crate::jit::KernelSpec;
+use crate::variant::VariantFlags;
 
 /// Which kernel a decode specialisation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +37,9 @@ pub struct DecodeTiles {
     pub nstage: usize,
     /// Ask L2 to prefetch 256 bytes around each copy (`cp.async ... .L2::256B`).
     pub l2_prefetch: bool,
+    /// Attention variants compiled in: RoPE, soft cap, ALiBi, sinks. Set by `BatchDecode::set_variant`;
+    /// a sliding window is planned, not compiled (decode/variant.rs), so `window` stays false.
+    pub variant: VariantFlags,
 }
 
 /// Threads a block aims for.
@@ -79,6 +83,7 @@ impl DecodeTiles {
             passes: kt,
             nstage,
             l2_prefetch: true,
+            variant: VariantFlags::default(),
         }
     }
 
@@ -100,6 +105,7 @@ impl DecodeTiles {
             passes,
             nstage,
             l2_prefetch: true,
+            variant: VariantFlags::default(),
         }
     }
 
@@ -146,28 +152,31 @@ impl DecodeTiles {
         by_smem.min(by_threads).clamp(1, 32)
     }
 
-    /// Readable key naming every template parameter.
+    /// Readable key naming every template parameter (a plain kernel's has no variant suffix, so
+    /// its name and cache entry are those of before variants existed).
     pub fn name(&self) -> String {
         match self.path {
             DecodePath::Simt => format!(
-                "batch_decode_q{}_kv{}_d{}_g{}_z{}_p{}_s{}",
+                "batch_decode_q{}_kv{}_d{}_g{}_z{}_p{}_s{}{}",
                 self.q_dtype,
                 self.kv_dtype,
                 self.head_dim,
                 self.group,
                 self.bdz,
                 self.passes,
-                self.nstage
+                self.nstage,
+                self.variant.key_suffix()
             ),
             DecodePath::TensorCore => format!(
-                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}{}",
+                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}{}{}",
                 self.q_dtype,
                 self.kv_dtype,
                 self.head_dim,
                 self.group,
                 self.passes,
                 self.nstage,
-                self.prefetch_suffix()
+                self.prefetch_suffix(),
+                self.variant.key_suffix()
             ),
         }
     }
@@ -192,7 +201,7 @@ impl DecodeTiles {
     pub fn spec(&self) -> KernelSpec {
         if self.path == DecodePath::TensorCore {
             let source = format!(
-                "{pf}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+                "{pf}{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
                  constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int KT = {kt};\n\
                  constexpr int NSTAGE = {s};\n#include \"decode_tc.cuh\"\n",
                 q = self.q_dtype.cuda_type(),
@@ -202,11 +211,12 @@ impl DecodeTiles {
                 kt = self.passes,
                 s = self.nstage,
                 pf = self.prefetch_define(),
+                var = self.variant.defines(),
             );
             return KernelSpec::new(self.name(), source, ["batch_decode"]);
         }
         let source = format!(
-            "{pf}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+            "{pf}{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
              constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int BDZ = {z};\n\
              constexpr int PASSES = {p};\nconstexpr int NSTAGE = {s};\n#include \"decode.cuh\"\n",
             q = self.q_dtype.cuda_type(),
@@ -217,6 +227,7 @@ impl DecodeTiles {
             p = self.passes,
             s = self.nstage,
             pf = self.prefetch_define(),
+            var = self.variant.defines(),
         );
         KernelSpec::new(self.name(), source, ["batch_decode"])
     }
@@ -238,6 +249,73 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         }
     }
     v.push(DecodeTiles::choose(128, 4, DType::F16, DType::BF16).spec());
+    // The variants (the window is planned, not compiled): each alone on both kernels, and all
+    // together on both kernels at an odd GQA ratio and the other head dims.
+    let one = [
+        VariantFlags {
+            soft_cap: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            alibi: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            sinks: true,
+            ..Default::default()
+        },
+    ];
+    let all = VariantFlags {
+        soft_cap: true,
+        alibi: true,
+        sinks: true,
+        ..Default::default()
+    };
+    let bf = DType::BF16;
+    for variant in one {
+        for t in [
+            DecodeTiles::simt(128, 4, bf, bf),
+            DecodeTiles::tensor_core(128, 4, bf, bf),
+        ] {
+            v.push(DecodeTiles { variant, ..t }.spec());
+        }
+    }
+    for t in [
+        DecodeTiles::simt(64, 5, DType::F16, DType::F16),
+        DecodeTiles::tensor_core(256, 5, DType::F16, DType::F16),
+        DecodeTiles::tensor_core(128, 4, bf, bf),
+    ] {
+        v.push(DecodeTiles { variant: all, ..t }.spec());
+    }
+    // RoPE: alone at every head dim on both kernels (the tensor-core kernel shares its angles over
+    // n-tiles up to head_dim 128 and not at 256), and with all the others.
+    let rope = VariantFlags {
+        rope: true,
+        ..Default::default()
+    };
+    for (d, g, dt) in [(64, 1, DType::F16), (128, 4, bf), (256, 5, bf)] {
+        for t in [
+            DecodeTiles::simt(d, g, dt, dt),
+            DecodeTiles::tensor_core(d, g, dt, dt),
+        ] {
+            v.push(DecodeTiles { variant: rope, ..t }.spec());
+        }
+    }
+    let all_rope = VariantFlags { rope: true, ..all };
+    for t in [
+        DecodeTiles::simt(64, 5, DType::F16, DType::F16),
+        DecodeTiles::simt(128, 4, bf, bf),
+        DecodeTiles::tensor_core(256, 5, DType::F16, DType::F16),
+        DecodeTiles::tensor_core(128, 4, bf, bf),
+    ] {
+        v.push(
+            DecodeTiles {
+                variant: all_rope,
+                ..t
+            }
+            .spec(),
+        );
+    }
     v
 }
 
@@ -269,5 +347,43 @@ mod tests {
             (t.tile(), t.threads(), t.nstage, t.smem_bytes()),
             (64, 128, 3, 96 * 1024)
         );
+    }
+
+    #[test]
+    fn variants_are_named_and_defined_and_plain_kernels_are_unchanged() {
+        for t in [
+            DecodeTiles::simt(128, 4, DType::BF16, DType::BF16),
+            DecodeTiles::tensor_core(128, 4, DType::BF16, DType::BF16),
+        ] {
+            let plain = t.spec();
+            assert!(!plain.source.contains("VARIANT"), "{}", plain.source);
+            let v = DecodeTiles {
+                variant: VariantFlags {
+                    soft_cap: true,
+                    sinks: true,
+                    ..Default::default()
+                },
+                ..t
+            }
+            .spec();
+            assert_eq!(v.name, format!("{}_cap_sink", plain.name));
+            let r = DecodeTiles {
+                variant: VariantFlags {
+                    rope: true,
+                    alibi: true,
+                    ..Default::default()
+                },
+                ..t
+            }
+            .spec();
+            assert_eq!(r.name, format!("{}_rope_alibi", plain.name));
+            assert!(r.source.contains("#define VARIANT_ROPE 1\n"));
+            assert!(r.source.find("VARIANT_ROPE") < r.source.find("#include"));
+            assert!(v.source.contains("#define VARIANT_SOFTCAP 1\n"));
+            assert!(v.source.contains("#define VARIANT_SINKS 1\n"));
+            assert!(!v.source.contains("VARIANT_ALIBI"));
+            // The switches come before the kernel's headers read them.
+            assert!(v.source.find("VARIANT_SINKS") < v.source.find("#include"));
+        }
     }
 }

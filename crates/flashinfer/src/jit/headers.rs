@@ -11,6 +11,10 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("state.cuh", include_str!("../../kernels/state.cuh")),
     ("merge.cuh", include_str!("../../kernels/merge.cuh")),
     (
+        "decode_variant.cuh",
+        include_str!("../../kernels/decode_variant.cuh"),
+    ),
+    (
         "decode_common.cuh",
         include_str!("../../kernels/decode_common.cuh"),
     ),
@@ -18,6 +22,10 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("mma.cuh", include_str!("../../kernels/mma.cuh")),
     ("decode_tc.cuh", include_str!("../../kernels/decode_tc.cuh")),
     ("page.cuh", include_str!("../../kernels/page.cuh")),
+    (
+        "rope_apply.cuh",
+        include_str!("../../kernels/rope_apply.cuh"),
+    ),
     ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
     ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
 ];

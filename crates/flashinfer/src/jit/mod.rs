@@ -39,6 +39,7 @@ const CATALOG: &[fn() -> Vec<KernelSpec>] = &[
     crate::merge::specs,
     crate::decode::specs,
     crate::page::specs,
+    crate::rope::specs,
     crate::prefill::specs,
 ];
 

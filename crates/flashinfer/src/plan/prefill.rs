@@ -95,16 +95,27 @@ pub fn tile_kv_len(r: &PrefillRequest, shape: &PrefillShape, row_begin: usize) -
         .min(r.kv_len)
 }
 
+/// Work items that fill one wave of blocks (each item runs once per KV head): fewer tiles than
+/// this is when the planner splits keys.
+fn items_per_wave(shape: &PrefillShape) -> usize {
+    (shape.wave / shape.num_kv_heads.max(1)).max(1)
+}
+
 /// Plans a prefill step.
 pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> PrefillSchedule {
     // (request, row_begin, keys seen) of every tile.
-    let mut tiles = Vec::new();
+    let cta_q = shape.cta_q.max(1);
+    let num_tiles: usize = requests
+        .iter()
+        .map(|r| (r.qo_len * shape.group).div_ceil(cta_q))
+        .sum();
+    let mut tiles = Vec::with_capacity(num_tiles);
     for (i, r) in requests.iter().enumerate() {
         for row_begin in (0..r.qo_len * shape.group).step_by(shape.cta_q.max(1)) {
             tiles.push((i, row_begin, tile_kv_len(r, shape, row_begin)));
         }
     }
-    let items_wanted = (shape.wave / shape.num_kv_heads.max(1)).max(1);
+    let items_wanted = items_per_wave(shape);
     let max_kv = tiles.iter().map(|t| t.2).max().unwrap_or(0);
     let count = |chunk: usize| {
         tiles
@@ -133,6 +144,10 @@ pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> Prefil
 
     let mut s = PrefillSchedule {
         kv_chunk: chunk,
+        work: Vec::with_capacity(match chunk {
+            Some(c) => count(c),
+            None => tiles.len(),
+        }),
         ..Default::default()
     };
     for &(i, row_begin, kv_seen) in &tiles {
@@ -172,11 +187,66 @@ pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> Prefil
             s.num_counters += 1;
         }
     }
-    // Longest first: the last blocks to start are the shortest (a stable sort keeps the order of
-    // equal items, so the schedule is a pure function of the lengths).
-    s.work
-        .sort_by_key(|w| std::cmp::Reverse(w.kv_end - w.kv_begin));
+    // Longest first: the last blocks to start are the shortest. Equal lengths keep their order
+    // (the index is part of the key), so the schedule is a pure function of the lengths; sorting
+    // 8-byte keys and permuting once is several times faster than sorting the 60-byte items.
+    let mut keys: Vec<u64> = s
+        .work
+        .iter()
+        .enumerate()
+        .map(|(i, w)| ((u32::MAX - (w.kv_end - w.kv_begin) as u32) as u64) << 32 | i as u64)
+        .collect();
+    keys.sort_unstable();
+    s.work = keys
+        .iter()
+        .map(|&k| s.work[(k & 0xffff_ffff) as usize])
+        .collect();
     s
+}
+
+/// What any schedule of a bounded batch fits in: CUDA-graph mode sizes its grid and workspace
+/// with it once, at construction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillBounds {
+    /// Work items (the grid runs each once per KV head).
+    pub max_work: usize,
+    /// Partial-state slots of split tiles.
+    pub max_partial: usize,
+    /// Arrival counters (one per split tile).
+    pub max_counters: usize,
+}
+
+/// The most work items, partial-state slots and counters [`plan_prefill`] makes under `shape`
+/// for any batch of at most `max_batch` requests with at most `max_qo_tokens` query tokens in
+/// all, whatever their key lengths. Not for a fixed chunk (batch-invariant mode), whose items
+/// grow with the keys: callers check such a schedule against the bounds.
+///
+/// Why they hold: a request of `q` tokens makes `ceil(q * group / cta_q)` tiles, at most
+/// `(q * group + cta_q - 1) / cta_q`, so a batch makes at most
+/// `(max_qo_tokens * group + max_batch * (cta_q - 1)) / cta_q` (and no more than its packed
+/// rows); unsplit, each tile is one item. The planner splits only a batch of fewer tiles than
+/// one wave's items, and then takes a chunk whose items fit in that wave (`smallest_chunk` only
+/// returns a chunk whose count fits); each slot belongs to one item and each counter to one of
+/// those tiles.
+pub fn prefill_bounds(
+    max_batch: usize,
+    max_qo_tokens: usize,
+    shape: &PrefillShape,
+) -> PrefillBounds {
+    let cta_q = shape.cta_q.max(1);
+    let rows = max_qo_tokens.saturating_mul(shape.group);
+    let tiles = rows.saturating_add(max_batch.saturating_mul(cta_q - 1)) / cta_q;
+    let tiles = tiles.min(rows);
+    let split = if shape.allow_split && rows > 0 {
+        items_per_wave(shape)
+    } else {
+        0
+    };
+    PrefillBounds {
+        max_work: tiles.max(split),
+        max_partial: split,
+        max_counters: split,
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +357,70 @@ mod tests {
             let alone = plan_prefill(&requests(&lens[r..=r]), &shape);
             prop_assert_eq!(of(&in_batch, r as i32), of(&alone, 0));
         }
+    }
+
+    proptest! {
+        /// Every batch inside the limits fits the bounds CUDA-graph mode sizes for, split or not,
+        /// however long its keys.
+        #[test]
+        fn schedules_fit_the_bounds_of_their_limits(
+            lens in proptest::collection::vec((0usize..600, 0usize..20_000), 0..20),
+            spare_requests in 0usize..4,
+            spare_tokens in 0usize..300,
+            group in 1usize..=8,
+            cta_q in prop::sample::select(vec![16usize, 64, 128, 192]),
+            causal in any::<bool>(),
+            heads in 1usize..=8,
+            wave in 1usize..=1200,
+            max_pieces in 1usize..=64,
+            allow_split in any::<bool>(),
+        ) {
+            let reqs = requests(&lens);
+            let shape = PrefillShape {
+                group, cta_q, kv_tile: 64, causal, num_kv_heads: heads, wave, max_pieces,
+                allow_split, fixed_kv_chunk: None,
+            };
+            let max_batch = lens.len() + spare_requests;
+            let max_qo = lens.iter().map(|l| l.0).sum::<usize>() + spare_tokens;
+            let b = prefill_bounds(max_batch, max_qo, &shape);
+            let s = plan_prefill(&reqs, &shape);
+            prop_assert!(s.work.len() <= b.max_work, "{} items > {:?}", s.work.len(), b);
+            prop_assert!(s.num_partial <= b.max_partial, "{} slots > {:?}", s.num_partial, b);
+            prop_assert!(s.num_counters <= b.max_counters, "{} counters > {:?}", s.num_counters, b);
+        }
+    }
+
+    #[test]
+    fn bounds_of_small_limits() {
+        let shape = PrefillShape {
+            group: 4,
+            cta_q: 64,
+            kv_tile: 64,
+            causal: true,
+            num_kv_heads: 8,
+            wave: 264,
+            max_pieces: 64,
+            allow_split: true,
+            fixed_kv_chunk: None,
+        };
+        // 100 requests of one token make 100 tiles of one item each; the bound, (400 + 100 *
+        // 63) / 64, is a little above.
+        let b = prefill_bounds(100, 100, &shape);
+        assert_eq!(b.max_work, 104);
+        assert_eq!(
+            plan_prefill(&requests(&[(1, 50); 100]), &shape).work.len(),
+            100
+        );
+        // Few tiles: the wave (264 / 8 heads = 33 items) bounds the split items.
+        let b = prefill_bounds(2, 20, &shape);
+        assert_eq!((b.max_work, b.max_partial, b.max_counters), (33, 33, 33));
+        let unsplit = PrefillShape {
+            allow_split: false,
+            ..shape
+        };
+        let b = prefill_bounds(2, 20, &unsplit);
+        assert_eq!((b.max_work, b.max_partial, b.max_counters), (3, 0, 0));
+        assert_eq!(prefill_bounds(4, 0, &shape), PrefillBounds::default());
     }
 
     #[test]

@@ -4,16 +4,21 @@
 //! query length (prefill/tiles.rs), cuts every request into tiles, splits the keys of tiles when a
 //! few long requests cannot fill the GPU, and copies the work list into the workspace in one
 //! transfer. `run()` validates the device tensors and launches one kernel; split tiles are merged
-//! inside it (kernels/prefill.cuh).
+//! inside it (kernels/prefill.cuh). [`BatchPrefill::for_cuda_graph`] (prefill/graph.rs) fixes the
+//! kernel, grid and workspace for the largest step, so that `run()` is captured in a CUDA graph
+//! once and each later `plan()` only rewrites the work list.
 //!
 //! Append (a few new tokens over a long cache: chunked prefill, speculative verification) is the
 //! same op with `qo_len < kv_len` and the causal mask aligned bottom-right.
 
+mod graph;
 mod tiles;
 
 pub use crate::plan::prefill::{
     plan_prefill, PrefillRequest, PrefillSchedule, PrefillShape, PrefillWork, MIN_KV_CHUNK,
 };
+pub use crate::plan::prefill::{prefill_bounds, PrefillBounds};
+pub use graph::{PrefillGraphKv, PrefillGraphLimits};
 pub(crate) use tiles::specs;
 pub use tiles::{PrefillMask, PrefillTiles, HEAD_DIMS};
 
@@ -31,7 +36,8 @@ use crate::error::{ensure, invalid, Result};
 use crate::jit::KernelFunction;
 use crate::layout::{check_len, CustomMask, HeadConfig, PageTable, PagedKvDesc, Ragged};
 use crate::params::AttentionParams;
-use crate::variant::{Variant, VariantFlags};
+use crate::user_variant::{no_softmax_lse_error, UserArgs, UserVariant};
+use crate::variant::{Rope, Variant, VariantFlags};
 
 // SAFETY: PrefillWork is repr(C) with fourteen i32 fields: no padding.
 unsafe impl PlanItem for PrefillWork {}
@@ -89,10 +95,13 @@ struct PrefillParams {
     window_left: i32,
     alibi_slopes_log2: u64,
     sinks_log2: u64,
+    rope_offsets: u64,
+    rope_rcp_scale: f32,
+    rope_log2_theta: f32,
 }
 
 // The kernel static_asserts the same size: a field added on one side only fails to compile.
-const _: () = assert!(std::mem::size_of::<PrefillParams>() == 176);
+const _: () = assert!(std::mem::size_of::<PrefillParams>() == 192);
 
 /// The variant of later plans and runs: what the kernel compiles in, its scalars, and the
 /// per-head tensors (ALiBi slopes, then sinks, both times log2(e)) in device memory.
@@ -103,15 +112,26 @@ struct VariantState {
     window_left: usize,
     /// `[2 * num_qo_heads]`: slopes, then sinks.
     per_head: Option<CudaSlice<f32>>,
+    rope: Rope,
+    /// RoPE: each request's first-key position (host copy for plan()'s checks, device copy for
+    /// the kernel); `None`: all 0.
+    rope_offsets: Option<(Vec<i32>, CudaSlice<i32>)>,
 }
 
-/// Where a plan lives in the workspace: one arrival counter per (split tile, KV head), a partial
-/// state per (slot, KV head, tile row).
-fn plan_layout(s: &PrefillSchedule, tiles: &PrefillTiles, h: HeadConfig) -> PlanLayout {
-    let rows = s.num_partial * h.num_kv_heads * tiles.cta_q();
+/// Where a plan of `work` items, `counters` split tiles and `partial` slots lives in the
+/// workspace: one arrival counter per (split tile, KV head), a partial state per (slot, KV head,
+/// tile row).
+fn plan_layout(
+    work: usize,
+    counters: usize,
+    partial: usize,
+    tiles: &PrefillTiles,
+    h: HeadConfig,
+) -> PlanLayout {
+    let rows = partial * h.num_kv_heads * tiles.cta_q();
     PlanLayout::new(
-        s.work.len() * std::mem::size_of::<PrefillWork>(),
-        s.num_counters * h.num_kv_heads,
+        work * std::mem::size_of::<PrefillWork>(),
+        counters * h.num_kv_heads,
         rows * h.head_dim,
         rows,
     )
@@ -143,7 +163,19 @@ pub struct BatchPrefill {
     l2_lookahead: bool,
     /// Batch-invariant mode's fixed split size.
     fixed_kv_chunk: Option<usize>,
+    /// CUDA-graph mode: what is fixed at construction (prefill/graph.rs).
+    graph: Option<graph::GraphShape>,
     variant: VariantState,
+    /// A user-written variant (replaces the built-in ones while set) and its argument bytes.
+    user: Option<UserState>,
+}
+
+struct UserState {
+    variant: UserVariant,
+    /// Identity in the kernel cache (from its source digest), never 0.
+    id: u64,
+    /// The kernel's `UserParams` argument.
+    blob: Vec<u8>,
 }
 
 impl BatchPrefill {
@@ -179,7 +211,9 @@ impl BatchPrefill {
             forced_tiles: None,
             l2_lookahead: false,
             fixed_kv_chunk: None,
+            graph: None,
             variant: VariantState::default(),
+            user: None,
         })
     }
 
@@ -196,6 +230,7 @@ impl BatchPrefill {
     /// Forced tiles must be buildable and describe this op's configuration.
     fn check_forced(&self, t: &PrefillTiles) -> Result<()> {
         t.check()?;
+        self.check_graph_tiles(t)?;
         let (c, h) = (&self.cfg, self.cfg.heads);
         ensure(
             t.head_dim == h.head_dim
@@ -253,21 +288,21 @@ impl BatchPrefill {
         Ok(())
     }
 
-    /// Attention variant of every later `plan()` and `run()`: logits soft cap, ALiBi, sliding
-    /// window and sinks, in any combination (definitions in [`crate::variant`]; positions are
-    /// aligned bottom-right, as the causal mask). The per-head slopes and sinks are copied to the
-    /// device here, once. RoPE is not fused into the GPU kernels yet: a typed error.
+    /// Attention variant of every later `plan()` and `run()`: RoPE (fused: q and each key tile are
+    /// rotated in shared memory), logits soft cap, ALiBi, sliding window and sinks, in any
+    /// combination (definitions in [`crate::variant`]; positions are aligned bottom-right, as the
+    /// causal mask). The per-head slopes and sinks, and the RoPE offsets, are copied to the device
+    /// here: offsets are per request, so a step whose batch changes calls this again (`plan()`
+    /// checks that they cover its batch).
     pub fn set_variant(&mut self, variant: &Variant<'_>) -> Result<()> {
         let h = self.cfg.heads;
-        if variant.rope.is_some() || variant.rope_offsets.is_some() {
-            return Err(crate::Error::Unsupported(
-                "RoPE fused into the prefill kernel is not implemented yet; apply it to q and k \
-                 before the op, or use the CPU backend's reference::batch_attention_paged"
-                    .into(),
-            ));
-        }
-        // The batch is not known yet: offsets (RoPE only) are rejected above.
+        // The batch is not known yet: plan() checks the offsets' length.
         variant.validate(&h, None)?;
+        if let Some(o) = variant.rope_offsets {
+            ensure(o.iter().all(|&x| x >= 0), "rope_offsets", || {
+                "positions must be non-negative".into()
+            })?;
+        }
         if let Some(w) = variant.window_left {
             ensure(w < i32::MAX as usize, "window_left", || {
                 format!("{w} exceeds i32::MAX")
@@ -291,14 +326,48 @@ impl BatchPrefill {
         } else {
             None
         };
+        let rope_offsets = match variant.rope_offsets {
+            Some(o) if !o.is_empty() => Some((o.to_vec(), self.dev.stream().clone_htod(o)?)),
+            _ => None,
+        };
+        self.user = None;
         self.variant = VariantState {
             flags,
             soft_cap: variant.logits_soft_cap.unwrap_or(0.0),
             window_left: variant.window_left.unwrap_or(0),
             per_head,
+            rope: variant.rope.unwrap_or_default(),
+            rope_offsets,
         };
         // The next plan() picks (and compiles) the variant's kernel.
         self.planned.tiles = None;
+        Ok(())
+    }
+
+    /// A user-written variant for every later `plan()` and `run()` (see [`crate::user_variant`]):
+    /// its hooks are compiled into the kernel at the next `plan()` (a compile error is returned
+    /// there with NVRTC's log). It replaces the built-in variants; `set_variant` clears it.
+    pub fn set_user_variant(&mut self, variant: UserVariant, args: UserArgs) -> Result<()> {
+        variant.validate()?;
+        variant.check_args(&args)?;
+        let digest = variant.key_suffix();
+        let hex = digest.rsplit('_').next().unwrap_or("1");
+        let id = u64::from_str_radix(hex, 16).unwrap_or(1).max(1);
+        let blob = variant.params_blob(&args);
+        self.variant = VariantState::default();
+        self.user = Some(UserState { variant, id, blob });
+        self.planned.tiles = None;
+        Ok(())
+    }
+
+    /// New values for the current user variant's parameters (no recompilation).
+    pub fn set_user_args(&mut self, args: UserArgs) -> Result<()> {
+        let u = self
+            .user
+            .as_mut()
+            .ok_or_else(|| invalid("user_args", "no user variant is set"))?;
+        u.variant.check_args(&args)?;
+        u.blob = u.variant.params_blob(&args);
         Ok(())
     }
 
@@ -318,7 +387,8 @@ impl BatchPrefill {
         if let Some(f) = self.kernels.get(tiles) {
             return Ok(*f);
         }
-        let module = self.dev.module(&tiles.spec())?;
+        let spec = tiles.spec_with(self.user.as_ref().map(|u| &u.variant));
+        let module = self.dev.module(&spec)?;
         module.set_max_dynamic_shared_bytes("batch_prefill", tiles.smem_bytes())?;
         let f = module.kernel("batch_prefill")?;
         self.kernels.insert(*tiles, f);
@@ -336,16 +406,20 @@ impl BatchPrefill {
         let (c, h) = (&self.cfg, self.cfg.heads);
         let variant = self.variant.flags;
         let l2_lookahead = self.l2_lookahead;
-        match self.forced_tiles {
+        let user = self.user.as_ref().map_or(0, |u| u.id);
+        // Graph mode's tiles are fixed at construction (forced ones have the same shape).
+        match self.graph.map(|g| g.tiles).or(self.forced_tiles) {
             Some(t) => PrefillTiles {
                 paged,
                 variant,
                 l2_lookahead,
+                user,
                 ..t
             },
             None => PrefillTiles {
                 variant,
                 l2_lookahead,
+                user,
                 ..PrefillTiles::choose(
                     h.head_dim,
                     h.group_size(),
@@ -357,6 +431,26 @@ impl BatchPrefill {
                     self.dev.arch(),
                 )
             },
+        }
+    }
+
+    /// What the planner needs besides the requests, for kernel `tiles` on this GPU (CUDA-graph
+    /// mode sizes its grid with the same shape).
+    fn plan_shape(&self, tiles: &PrefillTiles) -> PrefillShape {
+        let (cfg, h) = (&self.cfg, self.cfg.heads);
+        let info = self.dev.info();
+        PrefillShape {
+            group: h.group_size(),
+            cta_q: tiles.cta_q(),
+            kv_tile: tiles.kv_tile,
+            causal: cfg.mask == PrefillMask::Causal,
+            num_kv_heads: h.num_kv_heads,
+            wave: info.sm_count * tiles.ctas_per_sm(info.smem_per_sm),
+            max_pieces: tiles.max_pieces(),
+            // Without a softmax, pieces are plain sums, not states the merge could weigh.
+            allow_split: cfg.allow_split
+                && self.user.as_ref().is_none_or(|u| u.variant.use_softmax),
+            fixed_kv_chunk: self.fixed_kv_chunk,
         }
     }
 
@@ -398,6 +492,22 @@ impl BatchPrefill {
             "kv_indptr",
             || "a request is too long".into(),
         )?;
+        if let Some((offsets, _)) = &self.variant.rope_offsets {
+            ensure(offsets.len() == batch, "rope_offsets", || {
+                format!(
+                    "has {} entries, the batch has {batch} requests (call set_variant for this step)",
+                    offsets.len()
+                )
+            })?;
+            ensure(
+                offsets
+                    .iter()
+                    .zip(&kv_lens)
+                    .all(|(&o, &l)| (o as usize) + l < i32::MAX as usize),
+                "rope_offsets",
+                || "a position exceeds i32::MAX".into(),
+            )?;
+        }
         let mask_bytes = match (cfg.mask, mask) {
             (PrefillMask::Custom, Some(m)) => {
                 ensure(m.batch_size() == batch, "mask", || {
@@ -463,18 +573,7 @@ impl BatchPrefill {
                 mask_offset: mask.map_or(0, |m| m.mask_indptr()[i] as usize),
             })
             .collect();
-        let info = self.dev.info();
-        let shape = PrefillShape {
-            group: h.group_size(),
-            cta_q: tiles.cta_q(),
-            kv_tile: tiles.kv_tile,
-            causal: cfg.mask == PrefillMask::Causal,
-            num_kv_heads: h.num_kv_heads,
-            wave: info.sm_count * tiles.ctas_per_sm(info.smem_per_sm),
-            max_pieces: tiles.max_pieces(),
-            allow_split: cfg.allow_split,
-            fixed_kv_chunk: self.fixed_kv_chunk,
-        };
+        let shape = self.plan_shape(&tiles);
         if let Some(chunk) = self.fixed_kv_chunk {
             let longest = kv_lens.iter().copied().max().unwrap_or(0);
             ensure(
@@ -495,11 +594,29 @@ impl BatchPrefill {
             "qo_indptr",
             || "the batch needs more blocks than one launch allows".into(),
         )?;
+        // Graph mode: the step must fit what the captured launch was sized for.
+        self.check_graph_step(
+            batch,
+            qo_indptr.total(),
+            paged,
+            nnz_kv,
+            page_size,
+            mask_bytes,
+            &s,
+        )?;
         self.kernel(&tiles)?;
-        let l = plan_layout(&s, &tiles, h);
-        if l.total > self.workspace.bytes() {
-            self.workspace = Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
-        }
+        let l = match self.graph {
+            // The layout (and the workspace) of graph mode never move.
+            Some(_) => self.layout,
+            None => {
+                let l = plan_layout(s.work.len(), s.num_counters, s.num_partial, &tiles, h);
+                if l.total > self.workspace.bytes() {
+                    self.workspace =
+                        Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
+                }
+                l
+            }
+        };
         // The item count, the work list and the zeroed counters, in one transfer.
         self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
         self.schedule = s;
@@ -532,7 +649,7 @@ impl BatchPrefill {
             "planned for paged KV; call run_paged".into()
         })?;
         let h = self.cfg.heads;
-        let rows = self.planned.nnz_kv;
+        let rows = self.run_kv_len();
         check_len(
             "k",
             k.len(),
@@ -596,17 +713,13 @@ impl BatchPrefill {
             format!("page_size {} exceeds i32::MAX", kv.page_size)
         })?;
         kv.check_buffers(k_cache.len(), v_cache.len())?;
-        ensure(
-            kv_indices.len() >= self.planned.nnz_kv,
-            "kv_indices",
-            || {
-                format!(
-                    "has {} entries, the plan needs {}",
-                    kv_indices.len(),
-                    self.planned.nnz_kv
-                )
-            },
-        )?;
+        ensure(kv_indices.len() >= self.run_kv_len(), "kv_indices", || {
+            format!(
+                "has {} entries, the plan needs {}",
+                kv_indices.len(),
+                self.run_kv_len()
+            )
+        })?;
         let esz = T::DTYPE.size_bytes() as u64;
         ensure(
             (kv.page_stride as u64 * esz).is_multiple_of(16),
@@ -646,7 +759,7 @@ impl BatchPrefill {
         ensure(T::DTYPE == cfg.q_dtype, "q", || {
             format!("is {}, configured {}", T::DTYPE, cfg.q_dtype)
         })?;
-        let n = self.planned.nnz_qo;
+        let n = self.run_qo_rows();
         check_len(
             "q",
             q.len(),
@@ -659,16 +772,21 @@ impl BatchPrefill {
             n * h.num_qo_heads * h.head_dim,
             "[nnz_qo, num_qo_heads, head_dim]",
         )?;
+        if let Some(u) = self.user.as_ref().filter(|u| !u.variant.use_softmax) {
+            if lse.is_some() {
+                return Err(no_softmax_lse_error(&u.variant.name));
+            }
+        }
         if let Some(l) = &lse {
             check_len("lse", l.len(), n * h.num_qo_heads, "[nnz_qo, num_qo_heads]")?;
         }
         let mask_ptr = match (cfg.mask, &mask) {
             (PrefillMask::Custom, Some(m)) => {
-                ensure(m.len() >= self.planned.mask_bytes, "mask", || {
+                ensure(m.len() >= self.run_mask_bytes(), "mask", || {
                     format!(
                         "has {} bytes, the planned mask has {}",
                         m.len(),
-                        self.planned.mask_bytes
+                        self.run_mask_bytes()
                     )
                 })?;
                 m.ptr()
@@ -685,7 +803,9 @@ impl BatchPrefill {
             })?;
         }
         self.workspace.check(self.layout.total)?;
-        let num_work = self.schedule.work.len();
+        // Graph mode launches its fixed grid even for an empty step: the capture must hold the
+        // launch that later steps' replays need.
+        let num_work = self.grid_items();
         if num_work == 0 {
             return Ok(()); // no query rows
         }
@@ -728,6 +848,13 @@ impl BatchPrefill {
             window_left: self.variant.window_left as i32,
             alibi_slopes_log2,
             sinks_log2,
+            rope_offsets: self
+                .variant
+                .rope_offsets
+                .as_ref()
+                .map_or(0, |(_, d)| DevSlice::new(d, self.dev.stream()).ptr()),
+            rope_rcp_scale: 1.0 / self.variant.rope.scale,
+            rope_log2_theta: self.variant.rope.theta.log2(),
         };
         let f = self
             .kernels
@@ -738,11 +865,21 @@ impl BatchPrefill {
             block: (tiles.threads() as u32, 1, 1),
             smem_bytes: tiles.smem_bytes() as u32,
         };
-        let mut args = crate::kernel_args![&params];
+        let user_blob = self.user.as_ref().map(|u| u.blob.as_ptr());
+        let mut plain_args = crate::kernel_args![&params];
+        let mut user_args = [
+            plain_args[0],
+            user_blob.unwrap_or(std::ptr::null()) as *mut std::ffi::c_void,
+        ];
+        let args: &mut [*mut std::ffi::c_void] = if user_blob.is_some() {
+            &mut user_args
+        } else {
+            &mut plain_args
+        };
         // SAFETY: params matches PrefillParams in prefill.cuh; q/o/lse/k/v/kv_indices/mask were
         // checked above against the planned shapes, the work list in the workspace was written by
         // plan() for them, and the workspace holds the plan's partial states (checked).
-        unsafe { launch(f.raw(), launch_cfg, self.dev.stream(), &mut args)? };
+        unsafe { launch(f.raw(), launch_cfg, self.dev.stream(), args)? };
         Ok(())
     }
 }

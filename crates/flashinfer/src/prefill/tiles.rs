@@ -24,6 +24,7 @@
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
 use crate::jit::{Arch, KernelSpec};
+use crate::user_variant::UserVariant;
 use crate::variant::VariantFlags;
 
 /// How keys are masked; part of the kernel specialisation.
@@ -79,6 +80,8 @@ pub struct PrefillTiles {
     /// row tiles: 131.2 -> 124.5 us at 64 x 32768); costs elsewhere (prompts -3 %, short appends
     /// over long caches -13 %: the extra requests compete with the copies). docs/perf-notes.md.
     pub l2_lookahead: bool,
+    /// A user variant's identity (0: none); its source is given to [`PrefillTiles::spec_with`].
+    pub user: u64,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -163,6 +166,7 @@ impl PrefillTiles {
             wgmma: true,
             variant: VariantFlags::default(),
             l2_lookahead: false,
+            user: 0,
         }
     }
 
@@ -205,6 +209,7 @@ impl PrefillTiles {
             wgmma: false,
             variant: VariantFlags::default(),
             l2_lookahead: false,
+            user: 0,
         }
     }
 
@@ -327,12 +332,18 @@ impl PrefillTiles {
     }
 
     pub fn spec(&self) -> KernelSpec {
+        self.spec_with(None)
+    }
+
+    /// The specialisation with a user variant's hooks compiled in (its definitions go right
+    /// before the kernel template; its key suffix names it and a digest of its source).
+    pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
             "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
-             constexpr int MASK_MODE = {mask};\n#define MIN_BLOCKS_PER_SM {mb}\n#include \"prefill.cuh\"\n",
+             constexpr int MASK_MODE = {mask};\n#define MIN_BLOCKS_PER_SM {mb}\n{user}#include \"prefill.cuh\"\n",
             q = self.q_dtype.cuda_type(),
             kv = self.kv_dtype.cuda_type(),
             d = self.head_dim,
@@ -348,8 +359,13 @@ impl PrefillTiles {
             wg = u32::from(self.wgmma),
             var = self.variant.defines(),
             la = u32::from(self.l2_lookahead),
+            user = user.map_or(String::new(), |u| u.source()),
         );
-        let spec = KernelSpec::new(self.name(), source, ["batch_prefill"]);
+        let name = match user {
+            Some(u) => self.name() + &u.key_suffix(),
+            None => self.name(),
+        };
+        let spec = KernelSpec::new(name, source, ["batch_prefill"]);
         if self.wgmma {
             spec.requires(Arch::SM90)
         } else {
@@ -400,6 +416,11 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             ..Default::default()
         },
         VariantFlags {
+            rope: true,
+            ..Default::default()
+        },
+        VariantFlags {
+            rope: true,
             soft_cap: true,
             alibi: true,
             window: true,

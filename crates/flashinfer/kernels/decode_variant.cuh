@@ -1,0 +1,79 @@
+// decode_variant.cuh: the attention variants of the decode kernels (crate::variant defines them):
+// RoPE, logits soft cap, ALiBi and sinks, each compiled in only when the generated source defines
+// it (decode/tiles.rs), so that a plain kernel is exactly the plain code.
+//
+// The sliding window has no code here: a request's single query sits at position kv_len - 1, so
+// the keys it sees are one contiguous range [kv_len - 1 - window_left, kv_len), and decode/mod.rs
+// plans only that range (the work items start at the window's first key).
+//
+// Scores: the kernels multiply q·k by logit_scale() (decode_common.cuh; folded into q on CUDA
+// cores), then decode_logit() applies the soft cap and ALiBi, in the scaled base-2 domain of the
+// softmax. A plain kernel multiplies by sm_scale * log2(e) and nothing else.
+#pragma once
+#include "common.cuh"
+
+#ifndef VARIANT_ROPE
+#define VARIANT_ROPE 0
+#endif
+#ifndef VARIANT_SOFTCAP
+#define VARIANT_SOFTCAP 0
+#endif
+#ifndef VARIANT_ALIBI
+#define VARIANT_ALIBI 0
+#endif
+#ifndef VARIANT_SINKS
+#define VARIANT_SINKS 0
+#endif
+// The variants that change a logit (as opposed to the softmax's denominator).
+#define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI)
+
+#if VARIANT_ROPE
+// RoPE, fused (Llama style: the pair (d, d + HEAD_DIM / 2) of a vector at position pos turns by
+// pos / rope_scale * theta^(-2d / HEAD_DIM)). A request's key j is at rope_offsets[r] + j and its
+// query at rope_offsets[r] + kv_len - 1. The query is rotated once per block; each kernel rotates
+// the keys its own way (decode.cuh: the tile in shared memory, in place; decode_tc.cuh: the K
+// fragments in registers). sin and cos come from rope_sincos (common.cuh), exact for large
+// positions.
+
+// theta^(-2d / HEAD_DIM) / rope_scale, the angle per position of pair d (as prefill.cuh computes it).
+__device__ __forceinline__ float rope_inv_freq(int d, float log2_theta, float rcp_scale) {
+  return exp2f(-2.f * (float)d / (float)HEAD_DIM * log2_theta) * rcp_scale;
+}
+
+// The rotation of one pair: (x, y) -> (x cos - y sin, x sin + y cos).
+__device__ __forceinline__ void rope_pair(float& x, float& y, float sn, float cs) {
+  const float x0 = x;
+  x = x0 * cs - y * sn;
+  y = x0 * sn + y * cs;
+}
+#endif
+
+#if VARIANT_LOGITS
+// The base-2 logit of a score `x` already multiplied by logit_scale(): soft cap
+// (softcap_out = c * log2(e)), then ALiBi (`slope_log2` = slope * log2(e) of the query head,
+// `rel_pos` = key position - query position, <= 0).
+__device__ __forceinline__ float decode_logit(float x, float softcap_out, float slope_log2, int rel_pos) {
+#if VARIANT_SOFTCAP
+  x = softcap_out * tanhf(x);
+#endif
+#if VARIANT_ALIBI
+  x += slope_log2 * (float)rel_pos;
+#endif
+  return x;
+}
+#endif
+
+#if VARIANT_SINKS
+// Folds a sink (a state with lse `sink`, base 2, and no value) into an unnormalised row state
+// (m, den, acc over V output elements). Called exactly once per output row, where the final
+// output is written (after the split-KV merge for a split request), never into a partial state.
+template <int V>
+__device__ __forceinline__ void add_sink(float sink, float& m, float& den, float* acc) {
+  const float m_new = fmaxf(m, sink);
+  const float f = fast_exp2(m - m_new);  // m = -inf (no key seen) -> 0
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] *= f;
+  den = den * f + fast_exp2(sink - m_new);
+  m = m_new;
+}
+#endif
