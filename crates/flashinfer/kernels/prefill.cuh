@@ -176,17 +176,6 @@ struct PrefillParams {
 // prefill/mod.rs asserts the same size for its copy of this struct.
 static_assert(sizeof(PrefillParams) == 192, "PrefillParams must match prefill/mod.rs");
 
-// Folds a sink (a state with lse `sink` and no value) into an unnormalised row state (m, den,
-// acc): the sink counts once, when the final output of a row is written.
-template <int V>
-__device__ __forceinline__ void add_sink(float sink, float& m, float& den, float* acc) {
-  const float m_new = fmaxf(m, sink);
-  const float f = fast_exp2(m - m_new);  // m = -inf (no key seen) -> 0
-#pragma unroll
-  for (int i = 0; i < V; ++i) acc[i] *= f;
-  den = den * f + fast_exp2(sink - m_new);
-  m = m_new;
-}
 
 #if VARIANT_ROPE
 // RoPE, fused: a tile in shared memory is rotated in place after it lands and before the matmuls
