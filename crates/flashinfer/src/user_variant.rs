@@ -137,11 +137,19 @@ impl UserVariant {
         Ok(())
     }
 
+    /// The first 48 bits of the SHA-256 of the variant's generated source: its identity in the
+    /// kernel cache (never 0, so 0 can mean "no user variant").
+    pub fn digest(&self) -> u64 {
+        let sha = Sha256::digest(self.source().as_bytes());
+        sha.iter()
+            .take(6)
+            .fold(0u64, |acc, &b| acc << 8 | b as u64)
+            .max(1)
+    }
+
     /// The kernel-key part naming this variant: `_user_<name>_<12 hex digits of its source>`.
     pub fn key_suffix(&self) -> String {
-        let digest = Sha256::digest(self.source().as_bytes());
-        let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-        format!("_user_{}_{hex}", self.name)
+        format!("_user_{}_{:012x}", self.name, self.digest())
     }
 
     /// Bytes of the kernel's `UserParams` argument: the pointers first (8 bytes each), then the

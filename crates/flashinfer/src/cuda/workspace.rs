@@ -134,17 +134,18 @@ impl Workspace {
             });
         }
         let ctx = stream.context();
-        if self.staging.as_ref().is_none_or(|(b, _)| b.len() < len) {
-            if let Some((_, done)) = &self.staging {
-                done.synchronize()?;
+        let (buf, done) = match self.staging.take() {
+            Some(staging) if staging.0.len() >= len => self.staging.insert(staging),
+            old => {
+                // Growing: the old buffer may still be read by its last copy.
+                if let Some((_, done)) = &old {
+                    done.synchronize()?;
+                }
+                // SAFETY: every byte of the staging buffer a copy reads is written below first.
+                let buf = unsafe { ctx.alloc_pinned::<u8>(len.next_power_of_two().max(4096)) }?;
+                let done = ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+                self.staging.insert((buf, done))
             }
-            // SAFETY: every byte of the staging buffer a copy reads is written below first.
-            let buf = unsafe { ctx.alloc_pinned::<u8>(len.next_power_of_two().max(4096)) }?;
-            let done = ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
-            self.staging = Some((buf, done));
-        }
-        let Some((buf, done)) = self.staging.as_mut() else {
-            return Err(crate::error::invalid("workspace", "no staging buffer"));
         };
         // The previous plan's copy must have read the buffer before it is rewritten (it usually
         // has: a step's launches sit between two plans).
@@ -155,9 +156,10 @@ impl Workspace {
         // SAFETY: T is PlanItem: repr(C) with every byte initialised.
         let bytes = unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, item_bytes) };
         host[items_at..items_at + item_bytes].copy_from_slice(bytes);
-        host[items_at + item_bytes..].fill(0); // padding and the arrival counters
-                                               // SAFETY: the workspace holds at least len bytes (checked); the source is page-locked and
-                                               // not written again before `done` (recorded right after) has completed.
+        // Padding and the arrival counters.
+        host[items_at + item_bytes..].fill(0);
+        // SAFETY: the workspace holds at least len bytes (checked); the source is page-locked and
+        // not written again before `done` (recorded right after) has completed.
         unsafe {
             cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
                 self.ptr,

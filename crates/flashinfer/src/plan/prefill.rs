@@ -111,7 +111,7 @@ pub fn plan_prefill(requests: &[PrefillRequest], shape: &PrefillShape) -> Prefil
         .sum();
     let mut tiles = Vec::with_capacity(num_tiles);
     for (i, r) in requests.iter().enumerate() {
-        for row_begin in (0..r.qo_len * shape.group).step_by(shape.cta_q.max(1)) {
+        for row_begin in (0..r.qo_len * shape.group).step_by(cta_q) {
             tiles.push((i, row_begin, tile_kv_len(r, shape, row_begin)));
         }
     }

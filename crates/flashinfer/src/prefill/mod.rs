@@ -231,6 +231,11 @@ impl BatchPrefill {
     fn check_forced(&self, t: &PrefillTiles) -> Result<()> {
         t.check()?;
         self.check_graph_tiles(t)?;
+        self.check_matches_config(t)
+    }
+
+    /// Tiles (forced, or chosen for a plan) describe this op's configuration.
+    fn check_matches_config(&self, t: &PrefillTiles) -> Result<()> {
         let (c, h) = (&self.cfg, self.cfg.heads);
         ensure(
             t.head_dim == h.head_dim
@@ -350,9 +355,7 @@ impl BatchPrefill {
     pub fn set_user_variant(&mut self, variant: UserVariant, args: UserArgs) -> Result<()> {
         variant.validate()?;
         variant.check_args(&args)?;
-        let digest = variant.key_suffix();
-        let hex = digest.rsplit('_').next().unwrap_or("1");
-        let id = u64::from_str_radix(hex, 16).unwrap_or(1).max(1);
+        let id = variant.digest();
         let blob = variant.params_blob(&args);
         self.variant = VariantState::default();
         self.user = Some(UserState { variant, id, blob });
@@ -549,14 +552,7 @@ impl BatchPrefill {
             .checked_div(batch)
             .unwrap_or(0);
         let tiles = self.choose_tiles(paged, packed_avg);
-        ensure(
-            tiles.head_dim == h.head_dim
-                && tiles.group == h.group_size()
-                && tiles.q_dtype == cfg.q_dtype
-                && tiles.mask == cfg.mask,
-            "tiles",
-            || format!("{tiles:?} does not match the configuration {cfg:?}"),
-        )?;
+        self.check_matches_config(&tiles)?;
         let requests: Vec<PrefillRequest> = (0..batch)
             .map(|i| PrefillRequest {
                 qo_len: qo_indptr.len(i),
@@ -865,21 +861,25 @@ impl BatchPrefill {
             block: (tiles.threads() as u32, 1, 1),
             smem_bytes: tiles.smem_bytes() as u32,
         };
-        let user_blob = self.user.as_ref().map(|u| u.blob.as_ptr());
-        let mut plain_args = crate::kernel_args![&params];
-        let mut user_args = [
-            plain_args[0],
-            user_blob.unwrap_or(std::ptr::null()) as *mut std::ffi::c_void,
-        ];
-        let args: &mut [*mut std::ffi::c_void] = if user_blob.is_some() {
-            &mut user_args
-        } else {
-            &mut plain_args
+        // A user variant's kernel takes its UserParams bytes as a second argument.
+        let [params_arg] = crate::kernel_args![&params];
+        let (mut args, num_args) = match &self.user {
+            Some(u) => ([params_arg, u.blob.as_ptr() as *mut std::ffi::c_void], 2),
+            None => ([params_arg, std::ptr::null_mut()], 1),
         };
-        // SAFETY: params matches PrefillParams in prefill.cuh; q/o/lse/k/v/kv_indices/mask were
-        // checked above against the planned shapes, the work list in the workspace was written by
-        // plan() for them, and the workspace holds the plan's partial states (checked).
-        unsafe { launch(f.raw(), launch_cfg, self.dev.stream(), args)? };
+        // SAFETY: params matches PrefillParams in prefill.cuh (and a user variant's blob its
+        // UserParams, sized by the same declaration that generated the struct); q/o/lse/k/v/
+        // kv_indices/mask were checked above against the planned shapes, the work list in the
+        // workspace was written by plan() for them, and the workspace holds the plan's partial
+        // states (checked).
+        unsafe {
+            launch(
+                f.raw(),
+                launch_cfg,
+                self.dev.stream(),
+                &mut args[..num_args],
+            )?
+        };
         Ok(())
     }
 }
