@@ -176,7 +176,6 @@ struct PrefillParams {
 // prefill/mod.rs asserts the same size for its copy of this struct.
 static_assert(sizeof(PrefillParams) == 192, "PrefillParams must match prefill/mod.rs");
 
-
 #if VARIANT_ROPE
 // RoPE, fused: a tile in shared memory is rotated in place after it lands and before the matmuls
 // read it (Llama style: the pair (d, d + HEAD_DIM / 2) of a row at position `pos` turns by
@@ -425,20 +424,22 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   // Keys from here on are inside the window of every row of the warp (its last row's bound).
   const int window_lo = diag + (w.row_begin + warp_row0 + 16 * M_TILES - 1) / GROUP - p.window_left;
 #endif
-#if VARIANT_ALIBI
-  float row_slope[M_TILES][2];
-#pragma unroll
-  for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      row_slope[mt][h] = p.alibi_slopes_log2[kv_head * GROUP + (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) % GROUP];
-#endif
-#if USER_VARIANT
+#if VARIANT_ALIBI || USER_VARIANT
+  // The query head of each of this thread's rows (ALiBi slopes, user hooks).
   int row_head[M_TILES][2];
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) row_head[mt][h] = kv_head * GROUP + (w.row_begin + warp_row0 + mt * 16 + g + 8 * h) % GROUP;
+#endif
+#if VARIANT_ALIBI
+  float row_slope[M_TILES][2];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_slope[mt][h] = p.alibi_slopes_log2[row_head[mt][h]];
+#endif
+#if USER_VARIANT
   const float sm_scale = p.sm_scale_log2 * 0.6931471805599453f;  // natural-domain scale
 #endif
 #if VARIANT_ROPE

@@ -153,6 +153,33 @@ impl VariantFlags {
     pub fn is_plain(&self) -> bool {
         *self == VariantFlags::default()
     }
+    /// Every switch on its own (the compile-only tier builds each).
+    pub fn singles() -> [VariantFlags; 5] {
+        let off = VariantFlags::default();
+        [
+            VariantFlags { rope: true, ..off },
+            VariantFlags {
+                soft_cap: true,
+                ..off
+            },
+            VariantFlags { alibi: true, ..off },
+            VariantFlags {
+                window: true,
+                ..off
+            },
+            VariantFlags { sinks: true, ..off },
+        ]
+    }
+    /// Every switch on.
+    pub fn all() -> VariantFlags {
+        VariantFlags {
+            rope: true,
+            soft_cap: true,
+            alibi: true,
+            window: true,
+            sinks: true,
+        }
+    }
     /// `_cap_alibi_win_sink`-style suffix of a specialisation's key; empty when plain (so plain
     /// kernels keep their names and cache entries).
     pub fn key_suffix(&self) -> String {

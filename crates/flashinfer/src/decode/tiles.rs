@@ -251,25 +251,14 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
     v.push(DecodeTiles::choose(128, 4, DType::F16, DType::BF16).spec());
     // The variants (the window is planned, not compiled): each alone on both kernels, and all
     // together on both kernels at an odd GQA ratio and the other head dims.
-    let one = [
-        VariantFlags {
-            soft_cap: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            alibi: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            sinks: true,
-            ..Default::default()
-        },
-    ];
+    // The window is planned, not compiled; RoPE has its own list below.
+    let one = VariantFlags::singles()
+        .into_iter()
+        .filter(|f| !f.window && !f.rope);
     let all = VariantFlags {
-        soft_cap: true,
-        alibi: true,
-        sinks: true,
-        ..Default::default()
+        rope: false,
+        window: false,
+        ..VariantFlags::all()
     };
     let bf = DType::BF16;
     for variant in one {

@@ -18,8 +18,8 @@
 //! On Hopper (sm_90a), more than 16 packed rows at head_dim 64 and 128 take the wgmma backend
 //! instead: blocks of one, two or three warpgroups of 64 rows ([`wgmma_shape`]: the least
 //! padded time; prompts take three: CTA_Q 192, 384 threads, one block per SM with up to 168
-//! registers per thread), 64 keys per stage (128 for two warpgroups). The measurements behind these choices are in
-//! docs/perf-notes.md.
+//! registers per thread), 64 keys per stage (128 for two warpgroups). The measurements behind
+//! these choices are in docs/perf-notes.md.
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
@@ -398,35 +398,10 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         }
     }
     // Every variant switch, alone and all together, on both backends.
-    for flags in [
-        VariantFlags {
-            soft_cap: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            alibi: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            window: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            sinks: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            rope: true,
-            ..Default::default()
-        },
-        VariantFlags {
-            rope: true,
-            soft_cap: true,
-            alibi: true,
-            window: true,
-            sinks: true,
-        },
-    ] {
+    for flags in VariantFlags::singles()
+        .into_iter()
+        .chain([VariantFlags::all()])
+    {
         let dt = DType::BF16;
         for mut t in [
             PrefillTiles::mma_sync(128, 4, dt, dt, true, PrefillMask::Causal, 1024),
