@@ -31,6 +31,14 @@
 //   rows straight from shared memory (Q and K as descriptors; P from registers times V), with the
 //   tiles in wgmma's 128-byte-swizzled layout (wgmma.cuh). Its accumulators have the mma.sync
 //   C-fragment layout, so the softmax and epilogue code is the same.
+//
+// Warp specialisation (wgmma only, PREFILL_WS = 1): an extra producer warpgroup copies the K/V
+// tiles and signals each stage's "full" mbarrier; the consumer warpgroups wait on it, compute,
+// and release the stage on its "empty" mbarrier (pipeline.cuh). A whole warpgroup, so that its
+// registers can move to the consumers (setmaxnreg); its four warps split each tile's rows. No
+// block-wide barrier runs per tile, so one warpgroup's softmax overlaps another's matmuls and no
+// consumer waits for copies issued by others. Tile transforms that need every thread (RoPE, user
+// query/key transforms) keep PREFILL_WS 0.
 #pragma once
 #include "mma.cuh"
 #include "state.cuh"
@@ -39,6 +47,12 @@
 #endif
 #if PREFILL_WGMMA
 #include "wgmma.cuh"
+#endif
+#ifndef PREFILL_WS
+#define PREFILL_WS 0
+#endif
+#if PREFILL_WS
+#include "pipeline.cuh"
 #endif
 
 #ifndef MIN_BLOCKS_PER_SM
@@ -89,8 +103,12 @@
 // domain before the softmax instead of folding the scale into the exponent.
 #define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI || USER_VARIANT)
 
+// NUM_WARPS / NUM_THREADS: the warps that compute (the consumers); the producer warp of the
+// warp-specialised kernel comes on top (LAUNCH_THREADS).
 constexpr int NUM_WARPS = WARPS_Q * WARPS_KV;
 constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int PRODUCER_THREADS = PREFILL_WS ? 128 : 0;
+constexpr int LAUNCH_THREADS = NUM_THREADS + PRODUCER_THREADS;
 constexpr int CTA_Q = WARPS_Q * 16 * M_TILES;
 constexpr int WARP_KV = KV_TILE / WARPS_KV;       // tokens of a KV tile per warp
 constexpr int NT_KV = WARP_KV / 8;                // n-tiles of 8 tokens in a warp's S
@@ -107,6 +125,32 @@ static_assert(WARPS_Q % 4 == 0 && M_TILES == 1 && WARPS_KV == 1, "wgmma: whole w
 static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma: head_dim 64 or 128");
 static_assert(KV_TILE == 64 || KV_TILE == 128, "wgmma: 64 or 128 keys per tile");
 #endif
+#if PREFILL_WS
+static_assert(PREFILL_WGMMA, "warp specialisation: the wgmma backend only");
+static_assert(!VARIANT_ROPE && !USER_HAS_QUERY_TRANSFORM && !USER_HAS_KEY_TRANSFORM,
+              "warp specialisation: tile transforms need every thread between copy and use");
+#endif
+
+#if PREFILL_WS
+// Registers: the block is compiled for LAUNCH_REGS per thread (the launch bounds); then the
+// producer warpgroup gives most of its share to the consumers (setmaxnreg), as in FA3: three
+// consumer warpgroups get 160, two 232 (FA3 gives its TMA producer 24 with two).
+constexpr int LAUNCH_REGS = (65536 / (LAUNCH_THREADS * MIN_BLOCKS_PER_SM)) / 8 * 8;
+constexpr int PRODUCER_REGS = 32;
+constexpr int CONSUMER_REGS_FIT = (LAUNCH_REGS * (NUM_WARPS / 4 + 1) - PRODUCER_REGS) / (NUM_WARPS / 4) / 8 * 8;
+constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
+static_assert(CONSUMER_REGS >= LAUNCH_REGS, "warp specialisation must not shrink the consumers' registers");
+#endif
+
+// The block-wide barrier of the threads that compute (all of them, or all but the producer warp,
+// which may have left).
+__device__ __forceinline__ void consumers_sync() {
+#if PREFILL_WS
+  named_barrier_sync<NUM_THREADS>(1);
+#else
+  __syncthreads();
+#endif
+}
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
 template <int ROWS>
@@ -278,14 +322,14 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
   __shared__ int is_last;
   const int tid = threadIdx.x;
   __threadfence();
-  __syncthreads();
+  consumers_sync();
   if (tid == 0) {
     int* counter = p.counters + (long long)w.counter * p.num_kv_heads + kv_head;
     const int done = atomicAdd(counter, 1) + 1;
     is_last = done == w.num_pieces;
     if (is_last) *counter = 0;  // ready for the next run
   }
-  __syncthreads();
+  consumers_sync();
   if (!is_last) return;
   __threadfence();
   const int n = w.num_pieces;
@@ -293,7 +337,7 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
     return ((long long)(w.merge_begin + piece) * p.num_kv_heads + kv_head) * CTA_Q + row;
   };
   for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
-  __syncthreads();
+  consumers_sync();
   constexpr int V = 4;
   for (int item = tid; item < valid_rows * (HEAD_DIM / V); item += NUM_THREADS) {
     const int row = item / (HEAD_DIM / V), d0 = (item % (HEAD_DIM / V)) * V;
@@ -321,7 +365,62 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+#if PREFILL_WS
+// The producer warpgroup: copies the item's K/V tiles into the stages, each after its consumers
+// released it, and has the hardware arrive on the stage's "full" barrier when a lane's copies
+// have landed. Producer warp pw copies rows [pw * KV_TILE / 4, (pw + 1) * KV_TILE / 4) of every
+// tile; its lane l resolves (page lookup) row l of that range one tile ahead; a pass copies
+// 32 / CHUNKS rows, each lane one 16-byte chunk of K and of V (zero-filled past the keys).
+__device__ __forceinline__ void produce_kv(const PrefillParams& p, const PrefillWork& w, int kv_head, int kv_stop,
+                                           int num_tiles, DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar,
+                                           u64* empty_bar) {
+  constexpr int WARP_ROWS = KV_TILE / 4;  // rows per producer warp: 16 or 32
+  constexpr int P_ROWS = 32 / CHUNKS;     // rows per pass
+  static_assert(32 % CHUNKS == 0 && WARP_ROWS <= 32 && WARP_ROWS % P_ROWS == 0, "producer: whole rows per pass");
+  const int lane = threadIdx.x & 31, pw = (threadIdx.x >> 5) - NUM_WARPS;
+  const int chunk = lane % CHUNKS, prow = lane / CHUNKS, row0 = pw * WARP_ROWS;
+  const long long head_off = (long long)kv_head * p.head_stride + chunk * 8;
+  long long off = -1;
+  auto resolve = [&](int tile) {
+    const int key = w.kv_begin + tile * KV_TILE + row0 + lane;
+    off = lane < WARP_ROWS && key < kv_stop ? kv_row_offset(p, w, key) : -1;
+  };
+  resolve(0);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % NSTAGE;
+    if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
+    DTypeKV* ks = k_smem + stage * KV_TILE * HEAD_DIM;
+    DTypeKV* vs = v_smem + stage * KV_TILE * HEAD_DIM;
+#pragma unroll
+    for (int pass = 0; pass < WARP_ROWS / P_ROWS; ++pass) {
+      const int r = pass * P_ROWS + prow;  // row within this warp's range
+      const long long row_off = __shfl_sync(0xffffffffu, off, r);
+      const bool ok = row_off >= 0;
+      const long long src = ok ? row_off + head_off : 0;
+      const int so = tile_offset<KV_TILE>(row0 + r, chunk);
+      cp_async_16(ks + so, p.k + src, ok ? 16 : 0);
+      cp_async_16(vs + so, p.v + src, ok ? 16 : 0);
+    }
+    cp_async_mbar_arrive(&full_bar[stage]);
+    if (tile + 1 < num_tiles) {
+      resolve(tile + 1);
+#if PREFILL_L2_LOOKAHEAD
+      if (off >= 0) {
+        const long long base = off + (long long)kv_head * p.head_stride;
+#pragma unroll
+        for (int line = 0; line < HEAD_DIM * (int)sizeof(DTypeKV) / 128; ++line) {
+          prefetch_l2(p.k + base + line * (128 / (int)sizeof(DTypeKV)));
+          prefetch_l2(p.v + base + line * (128 / (int)sizeof(DTypeKV)));
+        }
+      }
+#endif
+    }
+  }
+  cp_async_wait<0>();
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(LAUNCH_THREADS, MIN_BLOCKS_PER_SM)
 batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   extern __shared__ __align__(1024) unsigned char smem_dyn[];
   // wgmma's swizzle needs 1024-byte aligned tiles; the host adds 1 KB so this always fits.
@@ -350,6 +449,25 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   if constexpr (MASK_MODE == MASK_CAUSAL) kv_stop = min(kv_stop, diag + (w.row_begin + valid_rows - 1) / GROUP + 1);
   const int num_tiles = kv_stop > w.kv_begin ? (kv_stop - w.kv_begin + KV_TILE - 1) / KV_TILE : 0;
 
+#if PREFILL_WS
+  __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE];
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NSTAGE; ++s) {
+      mbar_init(&full_bar[s], PRODUCER_THREADS);
+      mbar_init(&empty_bar[s], NUM_WARPS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
+  if (warp >= NUM_WARPS) {
+    setmaxnreg_dec<PRODUCER_REGS>();
+    produce_kv(p, w, kv_head, kv_stop, num_tiles, k_smem, v_smem, full_bar, empty_bar);
+    return;
+  }
+  setmaxnreg_inc<CONSUMER_REGS>();
+#endif
+
   // Q tile -> shared memory (rows past the request are zero).
   const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
 #pragma unroll
@@ -365,7 +483,12 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
     cp_async_16(q_smem + tile_offset<CTA_Q>(r, ld_chunk), src, ok ? 16 : 0);
   }
-
+#if PREFILL_WS
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // our Q copies -> visible to the wgmma reads of every warpgroup
+  consumers_sync();
+#else
   // K/V loader: as in decode_tc.cuh, lane s of each CHUNKS-lane group resolves the row of pass s.
   const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
   long long my_off = -1;
@@ -409,6 +532,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
     cp_async_commit();  // the first group also carries the Q tile
   }
+#endif
 
   // This thread's query rows: g and g + 8 of each of the warp's m-tiles.
   const int warp_row0 = warp_q * 16 * M_TILES;
@@ -468,6 +592,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   }
 
   for (int tile = 0; tile < num_tiles; ++tile) {
+#if PREFILL_WS
+    // Wait for the producer's copies of this stage, then order them before our wgmma reads.
+    mbar_wait(&full_bar[tile % NSTAGE], (tile / NSTAGE) & 1);
+    fence_proxy_async();
+#else
     cp_async_wait<NSTAGE - 2>();
 #if PREFILL_WGMMA
     fence_proxy_async();  // our cp.async writes -> visible to the wgmma (async proxy) reads
@@ -484,6 +613,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       }
       cp_async_commit();
     }
+#endif
 #if VARIANT_ROPE || USER_HAS_QUERY_TRANSFORM || USER_HAS_KEY_TRANSFORM
     {
       // Transform this tile's keys (and, on the first tile, the queries) where they sit, then
@@ -523,6 +653,8 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
     const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
+    // (Never taken with wgmma, whose single key slice starts inside every tile: the
+    // warp-specialised loop below must reach its release of the stage.)
     if (key0 >= kv_stop) continue;
     const DTypeKV* ks = k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
     const DTypeKV* vs = v_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
@@ -715,6 +847,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa[0][kt], sw128_desc(vs + kt * 16 * 64, KV_TILE * 128, 1024));
       wgmma_commit();
       wgmma_wait<0>();
+#if PREFILL_WS
+      // This warp has read the stage for the last time: release it to the producer.
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_bar[tile % NSTAGE]);
+#endif
     }
 #else
 #pragma unroll
@@ -733,8 +870,10 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
   }
+#if !PREFILL_WS
   cp_async_wait<0>();
-  __syncthreads();
+#endif
+  consumers_sync();  // every warp is done with the tiles before their bytes hold the states
 
   // Epilogue: every warp's unnormalised state -> shared memory as f32, then each (row, 8 dims)
   // merges the WARPS_KV states of its row and writes the output or the partial state.
@@ -759,7 +898,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[mt][n][2 * h], o[mt][n][2 * h + 1]);
     }
   }
-  __syncthreads();
+  consumers_sync();
 
   constexpr int OUT_VEC = 8;
   for (int it = tid; it < valid_rows * (HEAD_DIM / OUT_VEC); it += NUM_THREADS) {
@@ -796,7 +935,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
   }
   if (w.partial >= 0) {
-    __syncthreads();  // the state area is reused by the merge
+    consumers_sync();  // the state area is reused by the merge
     merge_tile_pieces(p, w, kv_head, valid_rows, reinterpret_cast<float*>(smem_raw));
   }
 }

@@ -78,6 +78,12 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl UserVariant {
+    /// Whether the variant rewrites query or key tiles in shared memory (every thread of the
+    /// block takes part, so the prefill kernel then runs without a producer warp).
+    pub fn transforms_tiles(&self) -> bool {
+        self.query_transform.is_some() || self.key_transform.is_some()
+    }
+
     /// Checks names (C identifiers, distinct) before anything compiles.
     pub fn validate(&self) -> Result<()> {
         ensure(

@@ -218,18 +218,24 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
         }
         let tiles = op.tiles().unwrap();
         if vi == 0 && tiles.wgmma {
-            // Hopper chose wgmma: the other wgmma block shapes and the portable mma.sync tiles
-            // must pass the same case.
-            for wg in (1..=3).filter(|&wg| 4 * wg != tiles.warps_q) {
-                variants.push(Some(PrefillTiles::wgmma(
-                    c.head_dim,
-                    heads.group_size(),
-                    T::DTYPE,
-                    tiles.paged,
-                    kind,
-                    wg,
-                    64,
-                )));
+            // Hopper chose wgmma: the other wgmma block shapes, with and without a producer
+            // warpgroup, and the portable mma.sync tiles must pass the same case.
+            for (wg, kt) in [(1, 64), (2, 128), (3, 64)] {
+                for ws in [false, true] {
+                    let mut t = PrefillTiles::wgmma(
+                        c.head_dim,
+                        heads.group_size(),
+                        T::DTYPE,
+                        tiles.paged,
+                        kind,
+                        wg,
+                        kt,
+                    );
+                    t.warp_specialized = ws;
+                    if t != tiles {
+                        variants.push(Some(t));
+                    }
+                }
             }
             let big = 1 << 20;
             variants.push(Some(PrefillTiles::mma_sync(

@@ -56,6 +56,9 @@ pub struct CascadeArgs {
     /// Tuning: pipeline stages of the shared level's forced block (default 2).
     #[arg(long)]
     pub shared_nstage: Option<usize>,
+    /// Tuning: give the shared level's forced block a producer warpgroup (warp specialisation).
+    #[arg(long, requires = "shared_wg")]
+    pub shared_ws: bool,
     /// Tuning: force the own level's block to the 16-row mma.sync tile with this many warps
     /// splitting the keys and this many keys per stage, as `WARPS,KEYS` (e.g. `2,32`).
     #[arg(long)]
@@ -208,6 +211,7 @@ fn run_typed<T: Element + DeviceRepr>(a: CascadeArgs) -> Result<(), String> {
             a.shared_kv_tile.unwrap_or(64),
         );
         t.nstage = a.shared_nstage.unwrap_or(2);
+        t.warp_specialized = a.shared_ws;
         cascade.force_tiles(0, Some(t)).map_err(err)?;
     }
     let own_tiles = match &a.own_tiles {

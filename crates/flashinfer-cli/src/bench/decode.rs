@@ -9,10 +9,11 @@ use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, 
 use flashinfer::random::SplitMix64;
 use flashinfer::reference::{self, rel_l2_error};
 use flashinfer::rope::RopeApply;
-use flashinfer::variant::{rope_rotate, Rope, Variant};
+use flashinfer::variant::{rope_rotate, Rope};
 use flashinfer::{AttentionParams, DType, Element, MaskMode};
 
 use super::timing::{Stats, Timer};
+use super::variant_args::{VariantArgs, VariantValues};
 use super::{npy, parse_heads, HBM_BYTES_PER_S};
 
 #[derive(Debug, clap::Args)]
@@ -79,15 +80,18 @@ pub struct DecodeArgs {
     /// --path/--nstage/--kt/--no-prefetch) and N caches' memory on the GPU.
     #[arg(long)]
     pub graph_layers: Option<usize>,
-    /// Fused RoPE (the default base 1e4, scale 1): each request's keys start at a random offset
-    /// in [0, 1000); the decode kernel rotates q and every key as it reads them.
-    #[arg(long, conflicts_with = "rope_separate")]
-    pub rope: bool,
+    /// Attention variants (--softcap, --window, --alibi, --sinks, --rope), in any combination.
+    #[command(flatten)]
+    pub variant: VariantArgs,
     /// The unfused baseline of --rope (same offsets): a separate kernel rotates the cached keys
-    /// into a copy of the pool and the queries into a copy, then a plain decode reads the
-    /// copies; the three launches are timed together.
-    #[arg(long)]
+    /// into a copy of the pool and the queries into a copy, then the decode (with the other
+    /// variant flags, if any) reads the copies; the three launches are timed together.
+    #[arg(long, conflicts_with = "rope")]
     pub rope_separate: bool,
+    /// Batch-invariant mode: split every request longer than N tokens into N-token chunks,
+    /// whatever the rest of the batch (N a positive multiple of the library's CHUNK_ALIGN, 64).
+    #[arg(long, value_name = "N")]
+    pub fixed_chunk: Option<usize>,
 }
 
 /// How a run applies RoPE.
@@ -100,7 +104,7 @@ enum RopeMode {
 
 impl RopeMode {
     fn of(a: &DecodeArgs) -> Self {
-        match (a.rope, a.rope_separate) {
+        match (a.variant.rope, a.rope_separate) {
             (true, _) => RopeMode::Fused,
             (false, true) => RopeMode::Separate,
             (false, false) => RopeMode::None,
@@ -243,6 +247,22 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     }
     let (hq, hk) = parse_heads(&a.heads)?;
     let heads = HeadConfig::new(hq, hk, a.head_dim).map_err(err)?;
+    let rope_mode = RopeMode::of(&a);
+    // --rope-separate's reference rotates as --rope does (same offsets); its decode runs without
+    // RoPE (below).
+    let mut variant_args = a.variant.clone();
+    variant_args.rope |= rope_mode == RopeMode::Separate;
+    // Flags are checked before the GPU is opened, so that a bad one is the error reported.
+    variant_args.check(heads, lens.len())?;
+    if (variant_args.any() || a.fixed_chunk.is_some())
+        && (a.graph_layers.is_some() || a.save.is_some())
+    {
+        return Err(
+            "the variant flags (--rope, --rope-separate, --softcap, --window, --alibi, \
+                    --sinks) and --fixed-chunk time the single run: drop --graph-layers and --save"
+                .into(),
+        );
+    }
     let dev: Arc<Device> = Device::new(0).map_err(err)?;
     let st = dev.stream().clone();
     let mut rng = SplitMix64::new(a.seed);
@@ -258,18 +278,9 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     let v: Vec<T> = rng.vec(desc.required_len(), 1.0);
     let q: Vec<T> = rng.vec(lens.len() * hq * a.head_dim, 1.0);
     let params = AttentionParams::default();
-    let rope_mode = RopeMode::of(&a);
-    if rope_mode != RopeMode::None && (a.graph_layers.is_some() || a.save.is_some()) {
-        return Err(
-            "--rope and --rope-separate time the single run: drop --graph-layers and --save".into(),
-        );
-    }
     // Drawn after the inputs, so that these are the inputs of a plain run with the same seed.
-    let offsets: Vec<i32> = match rope_mode {
-        RopeMode::None => Vec::new(),
-        _ => (0..lens.len()).map(|_| rng.below(1000) as i32).collect(),
-    };
-    let rope_offsets = (rope_mode != RopeMode::None).then_some(offsets.as_slice());
+    let variant = variant_args.build(heads, lens.len(), &mut rng)?;
+    let offsets = variant.rope_offsets().unwrap_or_default();
 
     let cfg = DecodeConfig {
         heads,
@@ -294,13 +305,17 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     }
     tiles.l2_prefetch = !a.no_prefetch;
     let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).map_err(err)?;
-    if rope_mode == RopeMode::Fused {
-        op.set_variant(&Variant {
-            rope: Some(Rope::default()),
-            rope_offsets,
-            ..Default::default()
-        })
-        .map_err(err)?;
+    // The separate pass does the rotation of --rope-separate; the decode the rest.
+    let op_variant = match rope_mode {
+        RopeMode::Separate => variant.without_rope(),
+        _ => variant.variant(),
+    };
+    if !op_variant.is_plain() {
+        op.set_variant(&op_variant).map_err(err)?;
+    }
+    // A bad N is the library's typed error (a positive multiple of its chunk alignment).
+    if let Some(n) = a.fixed_chunk {
+        op.set_batch_invariant(Some(n)).map_err(err)?;
     }
     op.plan(&table).map_err(err)?;
     let d = |e: flashinfer::cuda::DriverError| e.to_string();
@@ -317,11 +332,11 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     // before anything is timed.
     let mut separate = match rope_mode {
         RopeMode::Separate => {
-            let mut sep = SeparateRope::<T>::new(&dev, &table, &desc, heads, &offsets)?;
+            let mut sep = SeparateRope::<T>::new(&dev, &table, &desc, heads, offsets)?;
             sep.run(&st, &dq, &dk, &desc)?;
             st.synchronize().map_err(d)?;
             let k_rot: Vec<T> = st.clone_dtoh(&sep.k_rot).map_err(d)?;
-            let worst = check_rotated_keys(&k, &k_rot, &table, &desc, &offsets, &checked)?;
+            let worst = check_rotated_keys(&k, &k_rot, &table, &desc, offsets, &checked)?;
             if worst > tol {
                 return Err(format!(
                     "rotated keys check failed: rel L2 error {worst:.3e} > {tol:.0e}"
@@ -356,16 +371,7 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     st.synchronize().map_err(d)?;
     let out: Vec<T> = st.clone_dtoh(&dout).map_err(d)?;
     let worst = check_variant(
-        &q,
-        &k,
-        &v,
-        &out,
-        &table,
-        &desc,
-        heads,
-        &params,
-        &checked,
-        rope_offsets,
+        &q, &k, &v, &out, &table, &desc, heads, &params, &checked, &variant,
     )?;
     if worst > tol {
         return Err(format!(
@@ -386,7 +392,12 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
         None => None,
     };
     let esz = T::DTYPE.size_bytes() as f64;
-    let kv_bytes = lens.iter().sum::<usize>() as f64 * (hk * a.head_dim) as f64 * 2.0 * esz;
+    // A sliding window is planned: a request reads only the window's last window_left + 1 keys.
+    let read_tokens: usize = lens
+        .iter()
+        .map(|&l| a.variant.window.map_or(l, |w| l.min(w.saturating_add(1))))
+        .sum();
+    let kv_bytes = read_tokens as f64 * (hk * a.head_dim) as f64 * 2.0 * esz;
     let bytes = kv_bytes + 2.0 * q.len() as f64 * esz + table.kv_indices().len() as f64 * 4.0;
     let secs = stats.median_us * 1e-6;
     let floor_us = bytes / HBM_BYTES_PER_S * 1e6;
@@ -404,9 +415,10 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{}}}",
+            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{},\"fixed_chunk\":{}{}}}",
             dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
             op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len(), rope_mode.name(),
+            variant.json(), a.fixed_chunk.map_or("null".to_string(), |n| n.to_string()),
             graph.as_ref().map_or(String::new(), |g| g.json(&stats))
         );
     } else {
@@ -419,10 +431,18 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
             dev.info().name
         );
         println!(
-            "  kernel {}  split chunk {split}  work items {}",
+            "  kernel {}  split chunk {split}{}  work items {}",
             op.tiles().name(),
+            if a.fixed_chunk.is_some() {
+                " (fixed: batch-invariant)"
+            } else {
+                ""
+            },
             op.schedule().work.len()
         );
+        if !variant.is_plain() {
+            println!("  {}", variant.describe());
+        }
         match rope_mode {
             RopeMode::None => {}
             RopeMode::Fused => println!(
@@ -462,11 +482,12 @@ fn check<T: Element>(
     params: &AttentionParams,
     checked: &[usize],
 ) -> Result<f64, String> {
-    check_variant(q, k, v, out, table, desc, heads, params, checked, None)
+    let plain = VariantValues::default();
+    check_variant(q, k, v, out, table, desc, heads, params, checked, &plain)
 }
 
-/// [`check`], with RoPE (the default base and scale, request `r` from `rope_offsets[r]`) when
-/// `rope_offsets` is given.
+/// [`check`] with `variant` (RoPE's request `r` from its offset `r`), which the CPU backend
+/// computes exactly.
 #[allow(clippy::too_many_arguments)]
 fn check_variant<T: Element>(
     q: &[T],
@@ -478,7 +499,7 @@ fn check_variant<T: Element>(
     heads: HeadConfig,
     params: &AttentionParams,
     checked: &[usize],
-    rope_offsets: Option<&[i32]>,
+    variant: &VariantValues,
 ) -> Result<f64, String> {
     let err = |e: flashinfer::Error| e.to_string();
     let pool = PagedKv::new(*desc, k, v).map_err(err)?;
@@ -499,10 +520,12 @@ fn check_variant<T: Element>(
             .map(|x| x.to_f32())
             .collect();
         let mut want = vec![0f32; row];
-        match rope_offsets {
-            None => reference::batch_decode(&q32, &pool, &sub, heads, params, &mut want, None)
-                .map_err(err)?,
-            Some(offsets) => reference::batch_attention_paged(
+        if variant.is_plain() {
+            reference::batch_decode(&q32, &pool, &sub, heads, params, &mut want, None)
+                .map_err(err)?
+        } else {
+            // Decode is one query per request under the causal mask, at position kv_len - 1.
+            reference::batch_attention_paged(
                 &q32,
                 &Ragged::from_lens(&[1]),
                 &pool,
@@ -510,15 +533,11 @@ fn check_variant<T: Element>(
                 heads,
                 MaskMode::Causal,
                 params,
-                &Variant {
-                    rope: Some(Rope::default()),
-                    rope_offsets: Some(&offsets[r..r + 1]),
-                    ..Default::default()
-                },
+                &variant.for_request(r),
                 &mut want,
                 None,
             )
-            .map_err(err)?,
+            .map_err(err)?
         }
         let got: Vec<f32> = out[r * row..(r + 1) * row]
             .iter()
@@ -821,4 +840,59 @@ fn save<T: Element>(
         hq / hk,
     );
     std::fs::write(dir.join("README.txt"), note).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::variant_args::VariantArgs;
+
+    /// The check recomputes each request alone (its own page table and RoPE offset): the whole
+    /// batch computed by the CPU backend passes it under every variant.
+    #[test]
+    fn the_whole_reference_passes_the_per_request_check() {
+        let heads = HeadConfig::new(4, 2, 16).unwrap();
+        let lens = [0, 5, 40, 33];
+        let num_pages = PageTable::pages_needed(&lens, 16);
+        let mut rng = SplitMix64::new(5);
+        let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+        rng.shuffle(&mut ids);
+        let table = PageTable::from_kv_lens(&lens, 16, &ids, num_pages).unwrap();
+        let desc = PagedKvDesc::new(KvLayout::Hnd, num_pages, 16, 2, 16).unwrap();
+        let k: Vec<f32> = rng.vec(desc.required_len(), 1.0);
+        let v: Vec<f32> = rng.vec(desc.required_len(), 1.0);
+        let q: Vec<f32> = rng.vec(lens.len() * 4 * 16, 1.0);
+        let params = AttentionParams::default();
+        let args = VariantArgs {
+            softcap: Some(1.5),
+            window: Some(20),
+            alibi: true,
+            sinks: true,
+            rope: true,
+        };
+        let variant = args.build(heads, lens.len(), &mut rng).unwrap();
+        let mut out = vec![0f32; q.len()];
+        reference::batch_attention_paged(
+            &q,
+            &Ragged::from_lens(&[1; 4]),
+            &PagedKv::new(desc, &k, &v).unwrap(),
+            &table,
+            heads,
+            MaskMode::Causal,
+            &params,
+            &variant.variant(),
+            &mut out,
+            None,
+        )
+        .unwrap();
+        let checked: Vec<usize> = (0..lens.len()).collect();
+        let worst = check_variant(
+            &q, &k, &v, &out, &table, &desc, heads, &params, &checked, &variant,
+        )
+        .unwrap();
+        assert!(worst < 1e-6, "{worst}");
+        // And the check sees a variant that is missing: the plain reference fails it.
+        let plain = check(&q, &k, &v, &out, &table, &desc, heads, &params, &checked).unwrap();
+        assert!(plain > 1e-2, "{plain}");
+    }
 }

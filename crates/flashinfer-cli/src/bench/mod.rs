@@ -9,6 +9,7 @@ mod npy;
 mod plan;
 mod prefill;
 mod timing;
+mod variant_args;
 
 use clap::Subcommand;
 

@@ -4,13 +4,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use flashinfer::cuda::{CudaSlice, DevSlice, DevSliceMut, Device, DeviceRepr};
-use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKvDesc, Ragged};
+use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc, Ragged};
 use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask, PrefillTiles};
 use flashinfer::random::SplitMix64;
 use flashinfer::reference::{self, rel_l2_error};
 use flashinfer::{AttentionParams, DType, Element, MaskMode};
 
 use super::timing::Timer;
+use super::variant_args::{VariantArgs, VariantValues};
 use super::{npy, parse_heads, GEMM_FLOPS_PER_S, HBM_BYTES_PER_S};
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +52,10 @@ pub struct PrefillArgs {
     /// Disable split-KV.
     #[arg(long)]
     pub no_split: bool,
+    /// wgmma kernel's producer warpgroup (warp specialisation): auto (the engine's choice), on
+    /// or off (tuning).
+    #[arg(long, default_value = "auto")]
+    pub ws: String,
     /// Print one JSON line instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -75,6 +80,9 @@ pub struct PrefillArgs {
     pub warps_kv: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Attention variants (--softcap, --window, --alibi, --sinks, --rope), in any combination.
+    #[command(flatten)]
+    pub variant: VariantArgs,
 }
 
 pub fn run(a: PrefillArgs) -> Result<(), String> {
@@ -109,13 +117,23 @@ fn lens(a: &PrefillArgs) -> Result<Vec<(usize, usize)>, String> {
 }
 
 /// (query, key) pairs that are attended: the work, in units of one q·k plus one p·v.
-fn visible_pairs(qo: usize, kv: usize, causal: bool) -> f64 {
-    if !causal {
+fn visible_pairs(qo: usize, kv: usize, causal: bool, window_left: Option<usize>) -> f64 {
+    if !causal && window_left.is_none() {
         return (qo * kv) as f64;
     }
-    // Query i sees kv - qo + i + 1 keys (clamped to 0..=kv).
+    // Query i, at position p = kv - qo + i, sees keys [p - window_left, p] (causal) or
+    // [p - window_left, kv) (no mask), clamped to 0..kv.
     (0..qo)
-        .map(|i| (kv + i + 1).saturating_sub(qo).min(kv) as f64)
+        .map(|i| {
+            let p = kv as i64 - qo as i64 + i as i64;
+            let end = if causal {
+                (p + 1).clamp(0, kv as i64)
+            } else {
+                kv as i64
+            };
+            let start = window_left.map_or(0, |w| (p - w as i64).max(0)).min(end);
+            (end - start) as f64
+        })
         .sum()
 }
 
@@ -134,6 +152,15 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     let (hq, hk) = parse_heads(&a.heads)?;
     let heads = HeadConfig::new(hq, hk, a.head_dim).map_err(err)?;
     let dim = a.head_dim;
+    // Flags are checked before the GPU is opened, so that a bad one is the error reported.
+    a.variant.check(heads, lens.len())?;
+    if a.variant.any() && a.save.is_some() {
+        return Err(
+            "--save writes plain attention's inputs (its README has no variant): drop it or the \
+             variant flags"
+                .into(),
+        );
+    }
     let dev: Arc<Device> = Device::new(0).map_err(err)?;
     let st = dev.stream().clone();
     let mut rng = SplitMix64::new(a.seed);
@@ -174,6 +201,8 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     } else {
         (None, None, Vec::new(), Vec::new())
     };
+    // Drawn after the inputs, so that these are the inputs of a plain run with the same seed.
+    let variant = a.variant.build(heads, lens.len(), &mut rng)?;
 
     let cfg = PrefillConfig {
         heads,
@@ -188,6 +217,15 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
         allow_split: !a.no_split,
     };
     let mut op = BatchPrefill::new(&dev, cfg).map_err(err)?;
+    op.set_warp_specialization(match a.ws.as_str() {
+        "auto" => None,
+        "on" => Some(true),
+        "off" => Some(false),
+        w => return Err(format!("--ws `{w}`: expected auto, on or off")),
+    });
+    if !variant.is_plain() {
+        op.set_variant(&variant.variant()).map_err(err)?;
+    }
     let tuned =
         a.cta_q.is_some() || a.kv_tile.is_some() || a.nstage.is_some() || a.warps_kv.is_some();
     if tuned || a.backend != "auto" {
@@ -282,7 +320,7 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     st.synchronize().map_err(d)?;
     let out: Vec<T> = st.clone_dtoh(&dout).map_err(d)?;
     let (worst, windows) = check(
-        &lens, &qo, &kv_ragged, &q, &k, &v, &out, heads, causal, &params,
+        &lens, &qo, &kv_ragged, &q, &k, &v, &out, heads, causal, &params, &variant,
     )?;
     let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 2e-3 };
     if worst > tol {
@@ -296,7 +334,10 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
 
     let mut timer = Timer::new(&dev)?;
     let stats = timer.time(a.warmup, a.runs.max(30), || run_once(&mut dout))?;
-    let pairs: f64 = lens.iter().map(|&(q, k)| visible_pairs(q, k, causal)).sum();
+    let pairs: f64 = lens
+        .iter()
+        .map(|&(q, k)| visible_pairs(q, k, causal, a.variant.window))
+        .sum();
     let flops = 4.0 * pairs * (hq * dim) as f64;
     let esz = T::DTYPE.size_bytes() as f64;
     let bytes = (2 * q.len() + 2 * kv_rows) as f64 * esz;
@@ -324,9 +365,10 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"prefill\",\"gpu\":\"{}\",\"batch\":{},\"qo_total\":{},\"kv_total\":{},\"kv\":\"{}\",\"mask\":\"{}\",\"kernel\":\"{}\",\"heads\":\"{hq}:{hk}\",\"head_dim\":{dim},\"dtype\":\"{}\",\"split_chunk\":\"{split}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tflop_per_s\":{:.1},\"pct_of_790\":{:.1},\"floor_us\":{:.2},\"check_rel_err\":{:.3e},\"checked_windows\":{windows}}}",
+            "{{\"op\":\"prefill\",\"gpu\":\"{}\",\"batch\":{},\"qo_total\":{},\"kv_total\":{},\"kv\":\"{}\",\"mask\":\"{}\",\"kernel\":\"{}\",\"heads\":\"{hq}:{hk}\",\"head_dim\":{dim},\"dtype\":\"{}\",\"split_chunk\":\"{split}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tflop_per_s\":{:.1},\"pct_of_790\":{:.1},\"floor_us\":{:.2},\"check_rel_err\":{:.3e},\"checked_windows\":{windows}{}}}",
             dev.info().name, lens.len(), qo.total(), kv_ragged.total(), kv_name, a.mask, kernel, T::DTYPE,
-            s.work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tflops, pct_peak, floor_us, worst
+            s.work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tflops, pct_peak, floor_us, worst,
+            variant.json()
         );
     } else {
         println!(
@@ -339,6 +381,9 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
             "  kernel {kernel}  split chunk {split}  work items {}",
             s.work.len()
         );
+        if !variant.is_plain() {
+            println!("  {}", variant.describe());
+        }
         println!(
             "  check: {windows} windows of query rows vs CPU backend, worst rel L2 {worst:.2e} (tol {tol:.0e})"
         );
@@ -352,7 +397,10 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
 
 /// Compares windows of up to 64 query rows (first, middle, last) of up to 8 requests with the CPU
 /// backend. A window [i0, i1) of a causal request is itself a causal prefill of i1 - i0 queries
-/// over the first kv_len - qo_len + i1 keys, so the reference attends only what it needs.
+/// over the first kv_len - qo_len + i1 keys, so the reference attends only what it needs; its
+/// queries keep their positions (bottom-right alignment), so this holds under every variant too.
+/// Without the mask a window keeps its positions only if it ends at the last query, so under
+/// RoPE, ALiBi or a window only the last window is checked there.
 #[allow(clippy::too_many_arguments)]
 fn check<T: Element>(
     lens: &[(usize, usize)],
@@ -365,6 +413,7 @@ fn check<T: Element>(
     heads: HeadConfig,
     causal: bool,
     params: &AttentionParams,
+    variant: &VariantValues,
 ) -> Result<(f64, usize), String> {
     let err = |e: flashinfer::Error| e.to_string();
     let (hq, hk, dim) = (heads.num_qo_heads, heads.num_kv_heads, heads.head_dim);
@@ -375,7 +424,11 @@ fn check<T: Element>(
     for r in (0..lens.len()).step_by(step) {
         let (qo_len, kv_len) = lens[r];
         let w = qo_len.min(64);
-        let mut starts = vec![0, qo_len / 2, qo_len - w];
+        let mut starts = if causal || !variant.uses_positions() {
+            vec![0, qo_len / 2, qo_len - w]
+        } else {
+            vec![qo_len - w]
+        };
         starts.sort_unstable();
         starts.dedup();
         for i0 in starts {
@@ -397,24 +450,48 @@ fn check<T: Element>(
                 .map(|x| x.to_f32())
                 .collect();
             let ks = kv.start(r) * krow;
+            let (kw, vw) = (&k[ks..ks + keys * krow], &v[ks..ks + keys * krow]);
+            let mask = if causal {
+                MaskMode::Causal
+            } else {
+                MaskMode::None
+            };
             let mut want = vec![0f32; q32.len()];
-            reference::single_prefill(
-                &q32,
-                &k[ks..ks + keys * krow],
-                &v[ks..ks + keys * krow],
-                i1 - i0,
-                keys,
-                heads,
-                if causal {
-                    MaskMode::Causal
-                } else {
-                    MaskMode::None
-                },
-                params,
-                &mut want,
-                None,
-            )
-            .map_err(err)?;
+            if variant.is_plain() {
+                reference::single_prefill(
+                    &q32,
+                    kw,
+                    vw,
+                    i1 - i0,
+                    keys,
+                    heads,
+                    mask,
+                    params,
+                    &mut want,
+                    None,
+                )
+                .map_err(err)?;
+            } else {
+                if keys == 0 {
+                    continue; // rows that see no key: covered by the GPU tests
+                }
+                // The variant reference reads a paged cache: the window's keys as one page.
+                let desc = PagedKvDesc::new(KvLayout::Nhd, 1, keys, hk, dim).map_err(err)?;
+                let table = PageTable::from_kv_lens(&[keys], keys, &[0], 1).map_err(err)?;
+                reference::batch_attention_paged(
+                    &q32,
+                    &Ragged::from_lens(&[i1 - i0]),
+                    &PagedKv::new(desc, kw, vw).map_err(err)?,
+                    &table,
+                    heads,
+                    mask,
+                    params,
+                    &variant.for_request(r),
+                    &mut want,
+                    None,
+                )
+                .map_err(err)?;
+            }
             let got: Vec<f32> = out[qs..qs + q32.len()].iter().map(|x| x.to_f32()).collect();
             let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
             worst = worst.max(rel_l2_error(&got, &want64));
@@ -476,4 +553,77 @@ fn save<T: Element>(
         hq / hk,
     );
     std::fs::write(dir.join("README.txt"), note).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::variant_args::VariantArgs;
+
+    /// The check's windows are sub-problems that must keep every query's position: the whole
+    /// batch computed by the CPU backend passes it under every variant, with and without the
+    /// causal mask (a window that moved a query would be off by the ALiBi bias or the rotation).
+    #[test]
+    fn the_whole_reference_passes_the_windowed_check() {
+        let heads = HeadConfig::new(4, 2, 16).unwrap();
+        let lens = [(130, 300), (70, 70), (1, 90)];
+        let qo = Ragged::from_lens(&lens.map(|l| l.0));
+        let kv = Ragged::from_lens(&lens.map(|l| l.1));
+        let mut rng = SplitMix64::new(3);
+        let q: Vec<f32> = rng.vec(qo.total() * 4 * 16, 1.0);
+        let k: Vec<f32> = rng.vec(kv.total() * 2 * 16, 1.0);
+        let v: Vec<f32> = rng.vec(kv.total() * 2 * 16, 1.0);
+        // Ragged K/V as a cache of one-token pages, in order.
+        let desc = PagedKvDesc::new(KvLayout::Nhd, kv.total(), 1, 2, 16).unwrap();
+        let ids: Vec<i32> = (0..kv.total() as i32).collect();
+        let table = PageTable::from_kv_lens(&kv.lens(), 1, &ids, kv.total()).unwrap();
+        let pool = PagedKv::new(desc, &k, &v).unwrap();
+        let params = AttentionParams::default();
+        let args = VariantArgs {
+            softcap: Some(1.5),
+            window: Some(40),
+            alibi: true,
+            sinks: true,
+            rope: true,
+        };
+        let variant = args.build(heads, lens.len(), &mut rng).unwrap();
+        for causal in [true, false] {
+            let mask = if causal {
+                MaskMode::Causal
+            } else {
+                MaskMode::None
+            };
+            let mut out = vec![0f32; q.len()];
+            reference::batch_attention_paged(
+                &q,
+                &qo,
+                &pool,
+                &table,
+                heads,
+                mask,
+                &params,
+                &variant.variant(),
+                &mut out,
+                None,
+            )
+            .unwrap();
+            let (worst, windows) = check(
+                &lens, &qo, &kv, &q, &k, &v, &out, heads, causal, &params, &variant,
+            )
+            .unwrap();
+            assert!(worst < 1e-6, "causal {causal}: {worst}");
+            assert!(windows >= 3, "causal {causal}: {windows} windows");
+        }
+    }
+
+    #[test]
+    fn visible_pairs_count_the_window() {
+        // Causal 4 x 4, window 1: each query sees itself and the key before it (the first, one).
+        assert_eq!(visible_pairs(4, 4, true, Some(1)), 7.0);
+        assert_eq!(visible_pairs(4, 4, true, None), 10.0);
+        // Append of 2 queries over 5 keys, no mask, window 2: positions 3 and 4 see keys 1.. and
+        // 2.. up to the end.
+        assert_eq!(visible_pairs(2, 5, false, Some(2)), 7.0);
+        assert_eq!(visible_pairs(2, 5, false, None), 10.0);
+    }
 }

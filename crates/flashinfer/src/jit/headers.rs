@@ -28,6 +28,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ),
     ("prefill.cuh", include_str!("../../kernels/prefill.cuh")),
     ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
+    ("pipeline.cuh", include_str!("../../kernels/pipeline.cuh")),
 ];
 
 /// The contents of an embedded header, by file name.

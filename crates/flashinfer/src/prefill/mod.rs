@@ -161,6 +161,8 @@ pub struct BatchPrefill {
     /// Forces a tile shape (benchmarks, batch-invariant mode); `None` lets `plan()` choose.
     forced_tiles: Option<PrefillTiles>,
     l2_lookahead: bool,
+    /// Warp specialisation on (`Some(true)`), off, or the tiles' own choice (`None`).
+    warp_specialize: Option<bool>,
     /// Batch-invariant mode's fixed split size.
     fixed_kv_chunk: Option<usize>,
     /// CUDA-graph mode: what is fixed at construction (prefill/graph.rs).
@@ -210,6 +212,7 @@ impl BatchPrefill {
             planned: Planned::default(),
             forced_tiles: None,
             l2_lookahead: false,
+            warp_specialize: None,
             fixed_kv_chunk: None,
             graph: None,
             variant: VariantState::default(),
@@ -263,6 +266,13 @@ impl BatchPrefill {
     /// such as a cascade's shared prefix. Takes effect at the next `plan()`.
     pub fn set_l2_lookahead(&mut self, on: bool) {
         self.l2_lookahead = on;
+    }
+
+    /// Turns the wgmma kernel's producer warp (see [`PrefillTiles::warp_specialized`]) on or
+    /// off, or leaves it to the tile choice (`None`). Where the kernel cannot take it (mma.sync,
+    /// RoPE, user query/key transforms) it stays off. Takes effect at the next `plan()`.
+    pub fn set_warp_specialization(&mut self, on: Option<bool>) {
+        self.warp_specialize = on;
     }
 
     /// Batch-invariant mode: every later plan uses `tiles` and splits every tile's keys into
@@ -411,7 +421,7 @@ impl BatchPrefill {
         let l2_lookahead = self.l2_lookahead;
         let user = self.user.as_ref().map_or(0, |u| u.id);
         // Graph mode's tiles are fixed at construction (forced ones have the same shape).
-        match self.graph.map(|g| g.tiles).or(self.forced_tiles) {
+        let t = match self.graph.map(|g| g.tiles).or(self.forced_tiles) {
             Some(t) => PrefillTiles {
                 paged,
                 variant,
@@ -434,6 +444,15 @@ impl BatchPrefill {
                     self.dev.arch(),
                 )
             },
+        };
+        let allowed = t.can_specialise_warps()
+            && !self
+                .user
+                .as_ref()
+                .is_some_and(|u| u.variant.transforms_tiles());
+        PrefillTiles {
+            warp_specialized: allowed && self.warp_specialize.unwrap_or(t.warp_specialized),
+            ..t
         }
     }
 

@@ -82,6 +82,11 @@ pub struct PrefillTiles {
     pub l2_lookahead: bool,
     /// A user variant's identity (0: none); its source is given to [`PrefillTiles::spec_with`].
     pub user: u64,
+    /// Warp specialisation (wgmma only): one more warpgroup copies K/V tiles and hands them to
+    /// the computing warpgroups through mbarriers (and most of its registers, by setmaxnreg), instead of every thread copying and a block barrier per tile
+    /// (kernels/pipeline.cuh). Not with RoPE or user query/key transforms, which rewrite each
+    /// tile with every thread (see [`PrefillTiles::can_specialise_warps`]).
+    pub warp_specialized: bool,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -128,7 +133,12 @@ impl PrefillTiles {
     ) -> Self {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
             let (wg, kv_tile) = wgmma_shape(packed_qo_len);
-            return Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile);
+            // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s, the cascade's
+            // shared level 124 -> 103 us (docs/perf-notes.md).
+            return Self {
+                warp_specialized: true,
+                ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
+            };
         }
         Self::mma_sync(
             head_dim,
@@ -167,6 +177,7 @@ impl PrefillTiles {
             variant: VariantFlags::default(),
             l2_lookahead: false,
             user: 0,
+            warp_specialized: false,
         }
     }
 
@@ -210,6 +221,7 @@ impl PrefillTiles {
             variant: VariantFlags::default(),
             l2_lookahead: false,
             user: 0,
+            warp_specialized: false,
         }
     }
 
@@ -248,8 +260,15 @@ impl PrefillTiles {
             ));
         }
         let chunks = self.head_dim / 8;
-        if self.threads() < chunks || self.kv_tile.div_ceil(self.threads() / chunks) > chunks {
+        let loaders = self.consumer_threads();
+        if loaders < chunks || self.kv_tile.div_ceil(loaders / chunks) > chunks {
             return bad("too few threads to load a key tile (one lane resolves each pass)".into());
+        }
+        if self.warp_specialized && !self.wgmma {
+            return bad("warp specialisation needs the wgmma backend".into());
+        }
+        if self.warp_specialized && !self.can_specialise_warps() {
+            return bad("warp specialisation cannot rotate tiles (RoPE)".into());
         }
         if self.wgmma {
             if !(self.warps_q.is_multiple_of(4) && self.m_tiles == 1 && self.warps_kv == 1) {
@@ -266,8 +285,22 @@ impl PrefillTiles {
     pub fn cta_q(&self) -> usize {
         self.warps_q * 16 * self.m_tiles
     }
+    /// Threads per block: the computing warps, and the producer warpgroup when warps are
+    /// specialised.
     pub fn threads(&self) -> usize {
+        self.consumer_threads() + if self.warp_specialized { 128 } else { 0 }
+    }
+
+    /// The threads that compute (and, without warp specialisation, also load).
+    pub fn consumer_threads(&self) -> usize {
         32 * self.warps_q * self.warps_kv
+    }
+
+    /// Whether the backend and the built-in variants allow a producer warp: RoPE rewrites each
+    /// tile in shared memory with every thread between its copy and its use (so do a user
+    /// variant's query/key transforms, which the op checks: [`UserVariant::transforms_tiles`]).
+    pub fn can_specialise_warps(&self) -> bool {
+        self.wgmma && !self.variant.rope
     }
 
     /// Dynamic shared memory: Q tile and K/V stages, or the epilogue's f32 states if larger,
@@ -287,9 +320,13 @@ impl PrefillTiles {
 
     /// Registers per thread the block is compiled for: the mma.sync tiles use up to 255 (two
     /// 128-thread blocks per SM), the wgmma block is one per SM (65536 / 384 = 170, rounded down
-    /// to ptxas's multiple of 8).
+    /// to ptxas's multiple of 8). A warp-specialised block starts from 128 per thread (one block
+    /// of four warpgroups, or two of two, per SM); its producer then hands registers to the
+    /// consumers (kernels/prefill.cuh, CONSUMER_REGS).
     fn regs_per_thread(&self) -> usize {
-        if self.wgmma {
+        if self.warp_specialized {
+            128
+        } else if self.wgmma {
             168
         } else {
             255
@@ -313,7 +350,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -327,6 +364,7 @@ impl PrefillTiles {
             self.kv_tile,
             self.nstage,
             if self.l2_lookahead { "_la" } else { "" },
+            if self.warp_specialized { "_ws" } else { "" },
             self.variant.key_suffix()
         )
     }
@@ -339,7 +377,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -359,6 +397,7 @@ impl PrefillTiles {
             wg = u32::from(self.wgmma),
             var = self.variant.defines(),
             la = u32::from(self.l2_lookahead),
+            ws = u32::from(self.warp_specialized),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -390,8 +429,12 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     v.push(PrefillTiles::mma_sync(d, g, dt, dt, paged, mask, packed).spec());
                 }
                 if d <= 128 {
-                    for wg in 1..=3 {
-                        v.push(PrefillTiles::wgmma(d, g, dt, paged, mask, wg, 64).spec());
+                    // The shapes `wgmma_shape` chooses from, with and without a producer warp.
+                    for (wg, kt) in [(1, 64), (2, 64), (2, 128), (3, 64)] {
+                        let mut t = PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt);
+                        v.push(t.spec());
+                        t.warp_specialized = true;
+                        v.push(t.spec());
                     }
                 }
             }
@@ -469,10 +512,33 @@ mod tests {
             8192 * 4,
             Arch::SM90,
         );
+        // Three computing warpgroups and the producer warpgroup.
         assert_eq!(
             (t.cta_q(), t.threads(), t.ctas_per_sm(228 * 1024)),
-            (192, 384, 1)
+            (192, 512, 1)
         );
+        assert!(t.warp_specialized && t.check().is_ok());
+        // One warpgroup (and its producer) at two blocks per SM.
+        let one = PrefillTiles {
+            warp_specialized: true,
+            ..PrefillTiles::wgmma(128, 4, DType::BF16, false, PrefillMask::Causal, 1, 64)
+        };
+        assert_eq!((one.threads(), one.ctas_per_sm(228 * 1024)), (256, 2));
+        // No producer warpgroup for mma.sync or RoPE.
+        let mut bad = PrefillTiles::mma_sync(
+            128,
+            4,
+            DType::BF16,
+            DType::BF16,
+            false,
+            PrefillMask::Causal,
+            1024,
+        );
+        bad.warp_specialized = true;
+        assert!(bad.check().is_err());
+        let mut rope = t;
+        rope.variant.rope = true;
+        assert!(!rope.can_specialise_warps() && rope.check().is_err());
         // Shared-prefix groups of decode queries: whole tiles, the widest that fits.
         assert_eq!(wgmma_shape(256), (2, 128));
         assert_eq!(wgmma_shape(64), (1, 64));
