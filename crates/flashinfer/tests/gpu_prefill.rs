@@ -220,8 +220,11 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
         if vi == 0 && tiles.wgmma {
             // Hopper chose wgmma: the other wgmma block shapes, with and without a producer
             // warpgroup, and the portable mma.sync tiles must pass the same case.
-            for (wg, kt) in [(1, 64), (2, 128), (3, 64)] {
+            for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 2), (3, 64, 3), (3, 128, 2)] {
                 for ws in [false, true] {
+                    if ns == 3 && !ws {
+                        continue; // 3 x 64-key stages without a producer: not a shape we run
+                    }
                     let mut t = PrefillTiles::wgmma(
                         c.head_dim,
                         heads.group_size(),
@@ -232,6 +235,7 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
                         kt,
                     );
                     t.warp_specialized = ws;
+                    t.nstage = ns;
                     if t != tiles {
                         variants.push(Some(t));
                     }

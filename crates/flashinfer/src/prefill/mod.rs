@@ -421,7 +421,8 @@ impl BatchPrefill {
         let l2_lookahead = self.l2_lookahead;
         let user = self.user.as_ref().map_or(0, |u| u.id);
         // Graph mode's tiles are fixed at construction (forced ones have the same shape).
-        let t = match self.graph.map(|g| g.tiles).or(self.forced_tiles) {
+        let fixed = self.graph.map(|g| g.tiles).or(self.forced_tiles);
+        let t = match fixed {
             Some(t) => PrefillTiles {
                 paged,
                 variant,
@@ -450,9 +451,19 @@ impl BatchPrefill {
                 .user
                 .as_ref()
                 .is_some_and(|u| u.variant.transforms_tiles());
-        PrefillTiles {
-            warp_specialized: allowed && self.warp_specialize.unwrap_or(t.warp_specialized),
-            ..t
+        let on = allowed && self.warp_specialize.unwrap_or(t.warp_specialized);
+        match (on, fixed) {
+            (true, _) => PrefillTiles {
+                warp_specialized: true,
+                ..t
+            },
+            // Fixed tiles keep their shape; chosen ones fall back to the best shape without a
+            // producer warpgroup.
+            (false, Some(_)) => PrefillTiles {
+                warp_specialized: false,
+                ..t
+            },
+            (false, None) => t.without_producer(),
         }
     }
 

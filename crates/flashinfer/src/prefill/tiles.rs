@@ -92,29 +92,40 @@ pub struct PrefillTiles {
 /// Head dims the prefill kernel is built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// The wgmma block shapes: (warpgroups, keys per stage, throughput per useful row relative to
-/// three warpgroups), measured on the H200 at causal 1 x 8192 (docs/benchmarks.md): one warpgroup
-/// per block (two blocks per SM) 390.0 TFLOP/s; two warpgroups with 128-key stages 399.4 (with
-/// 64-key stages 365.9); three 414.8.
-const WGMMA_SHAPES: [(usize, usize, f64); 3] = [
-    (1, 64, 390.0 / 414.8),
-    (2, 128, 399.4 / 414.8),
-    (3, 64, 1.0),
+/// The wgmma block shapes with a producer warpgroup: (warpgroups, keys per stage, stages,
+/// throughput per useful row relative to the last), measured on the H200 at causal 1 x 8192
+/// (docs/perf-notes.md): one warpgroup per block (two blocks per SM) 408.7 TFLOP/s; two
+/// warpgroups with 128-key stages 484.2 (64-key: 435.3); three with three 64-key stages 503.5.
+const WGMMA_SHAPES: [(usize, usize, usize, f64); 3] = [
+    (1, 64, 2, 408.7 / 503.5),
+    (2, 128, 2, 484.2 / 503.5),
+    (3, 64, 3, 1.0),
 ];
 
-/// Warpgroups (64 rows each) per block and keys per stage for requests of `packed_qo_len` rows:
-/// the shape with the least time per request, counting the padding of its last tile. Prompts take
-/// three; a group of 64 decode queries sharing a prefix (256 rows at GQA 4) takes two (two full
-/// tiles beat two tiles of 192 with a third of them empty, and four tiles of 64).
-pub fn wgmma_shape(packed_qo_len: usize) -> (usize, usize) {
-    let cost = |&(wg, _, eff): &(usize, usize, f64)| {
+/// Packed rows per request from which three warpgroups take two 128-key stages instead of three
+/// 64-key ones: fewer, longer copies and half the barrier round trips per key (1 x 8192 at GQA 4,
+/// 32768 rows: 550.0 against 503.5 TFLOP/s), but a longer diagonal tile and pipeline fill, which
+/// shorter prompts feel (16 x 1024, 4096 rows: 292.6 against 315.6).
+pub const LONG_PACKED_ROWS: usize = 16384;
+
+/// Warpgroups (64 rows each) per block, keys per stage and stages for requests of `packed_qo_len`
+/// rows: the shape with the least time per request, counting the padding of its last tile.
+/// Prompts take three; a group of 64 decode queries sharing a prefix (256 rows at GQA 4) takes
+/// two (two full tiles beat two tiles of 192 with a third of them empty, and four tiles of 64).
+pub fn wgmma_shape(packed_qo_len: usize) -> (usize, usize, usize) {
+    let cost = |&(wg, _, _, eff): &(usize, usize, usize, f64)| {
         let rows = packed_qo_len.div_ceil(64 * wg) * 64 * wg;
         rows as f64 / eff
     };
-    WGMMA_SHAPES
+    let (wg, kt, ns) = WGMMA_SHAPES
         .iter()
         .min_by(|a, b| cost(a).total_cmp(&cost(b)))
-        .map_or((3, 64), |&(wg, kt, _)| (wg, kt))
+        .map_or((3, 64, 3), |&(wg, kt, ns, _)| (wg, kt, ns));
+    if wg == 3 && packed_qo_len >= LONG_PACKED_ROWS {
+        (3, 128, 2)
+    } else {
+        (wg, kt, ns)
+    }
 }
 
 impl PrefillTiles {
@@ -132,11 +143,12 @@ impl PrefillTiles {
         arch: Arch,
     ) -> Self {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
-            let (wg, kv_tile) = wgmma_shape(packed_qo_len);
-            // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s, the cascade's
-            // shared level 124 -> 103 us (docs/perf-notes.md).
+            let (wg, kv_tile, nstage) = wgmma_shape(packed_qo_len);
+            // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s at the same shape,
+            // the cascade's shared level 124 -> 103 us (docs/perf-notes.md).
             return Self {
                 warp_specialized: true,
+                nstage,
                 ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
             };
         }
@@ -294,6 +306,22 @@ impl PrefillTiles {
     /// The threads that compute (and, without warp specialisation, also load).
     pub fn consumer_threads(&self) -> usize {
         32 * self.warps_q * self.warps_kv
+    }
+
+    /// The shape [`PrefillTiles::choose`] measured best without a producer warpgroup, for the
+    /// variants that cannot have one: two 64-key stages (three warpgroups with 128-key stages, or
+    /// three stages, need more registers or shared memory than the plain kernel has).
+    pub fn without_producer(self) -> Self {
+        if !self.warp_specialized {
+            return self;
+        }
+        let kv_tile = if self.warps_q == 12 { 64 } else { self.kv_tile };
+        Self {
+            warp_specialized: false,
+            kv_tile,
+            nstage: 2,
+            ..self
+        }
     }
 
     /// Whether the backend and the built-in variants allow a producer warp: RoPE rewrites each
@@ -540,9 +568,9 @@ mod tests {
         rope.variant.rope = true;
         assert!(!rope.can_specialise_warps() && rope.check().is_err());
         // Shared-prefix groups of decode queries: whole tiles, the widest that fits.
-        assert_eq!(wgmma_shape(256), (2, 128));
-        assert_eq!(wgmma_shape(64), (1, 64));
-        assert_eq!(wgmma_shape(8192 * 4), (3, 64));
-        assert_eq!(wgmma_shape(4096), (3, 64));
+        assert_eq!(wgmma_shape(256), (2, 128, 2));
+        assert_eq!(wgmma_shape(64), (1, 64, 2));
+        assert_eq!(wgmma_shape(8192 * 4), (3, 128, 2));
+        assert_eq!(wgmma_shape(4096), (3, 64, 3));
     }
 }
