@@ -44,10 +44,10 @@ batch_decode(const DecodeParams p) {
 
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
   const int tid = tx + BDX * (ty + GROUP * tz);
-  const int kv_head = blockIdx.y;
+  const int kv_head = block_kv_head(p);
   const int qo_head = kv_head * GROUP + ty;
   // Both loads in flight at once: the work list always has a slot for every block of the grid.
-  const DecodeWork w = p.work[blockIdx.x];
+  const DecodeWork w = p.work[block_item(p)];
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
   // This thread's query slice, pre-scaled so that scores come out in base 2 (under a soft cap: as

@@ -53,8 +53,15 @@ __device__ __forceinline__ float logit_scale(const DecodeParams& p) {
   return VARIANT_SOFTCAP ? p.softcap_in : p.sm_scale_log2;
 }
 
+// The grid is one block per (work item, KV head), KV heads fastest: the hardware starts blocks in
+// index order, so every head of the longest item starts first (item-major with heads on the y
+// axis ran each head's whole longest-first list before the next head started, and the last head's
+// long items formed the tail of skewed batches).
+__device__ __forceinline__ int block_kv_head(const DecodeParams& p) { return (int)blockIdx.x % (p.num_qo_heads / GROUP); }
+__device__ __forceinline__ int block_item(const DecodeParams& p) { return (int)blockIdx.x / (p.num_qo_heads / GROUP); }
+
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
-__device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return (int)blockIdx.x < *p.num_work; }
+__device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return block_item(p) < *p.num_work; }
 
 // Writes a final output row of GROUP heads' slice [d0, d0 + N) and, once per head, its LSE.
 template <int N>
@@ -76,7 +83,7 @@ __device__ __forceinline__ void merge_split_pieces(const DecodeParams& p, const 
   __threadfence();  // our partial state is visible device-wide before we count ourselves done
   __syncthreads();
   if (tid == 0) {
-    int* counter = p.counters + (long long)w.request * gridDim.y + kv_head;
+    int* counter = p.counters + (long long)w.request * (p.num_qo_heads / GROUP) + kv_head;
     const int done = atomicAdd(counter, 1) + 1;
     is_last = done == w.num_pieces;
     if (is_last) *counter = 0;  // ready for the next run (CUDA graph replays reuse the plan)

@@ -15,7 +15,9 @@
 // [w * 16 * KT, (w + 1) * 16 * KT) of the tile with its own online-softmax state. The four states
 // merge through shared memory at the end.
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
-// XOR-permuted by row, see mma.cuh), reused for the 4 warps' states at the end.
+// XOR-permuted by row, see mma.cuh), reused for the 4 warps' states at the end. Fused RoPE adds
+// static tables, the frequencies and two tiles' key angles: 4.8 KB at head_dim 128, 18 KB at
+// head_dim 256.
 #pragma once
 #include "decode_common.cuh"
 #include "mma.cuh"
@@ -32,6 +34,106 @@ static_assert(GROUP <= 16, "at most 16 query heads per KV head");
 static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
 static_assert(PASSES <= CHUNKS && CHUNKS <= 32, "one lane of a row group resolves each pass");
 
+#if VARIANT_ROPE
+// RoPE (decode_variant.cuh), on the K fragments in registers: no shared-memory pass over K.
+// After ldmatrix a thread holds, for key g of each 8-key n-tile, dims c * 8 + 2t + {0, 1} of every
+// 16-byte chunk c, and the partner of chunk c < HEAD_DIM / 16 is chunk c + HEAD_DIM / 16, which
+// the same thread receives in the same register of the ldmatrix HEAD_DIM / 64 steps (of 32 dims)
+// further on. So both halves are loaded together and each pair of registers (two pairs of dims)
+// is rotated in place, in packed 16-bit arithmetic (rope_pair2), before the mmas read it.
+//
+// Angles are shared: <R(a) q, R(b) k> depends only on b - a, so a key may turn by any angle if q
+// turns by the same amount less. Each warp keeps ROPE_QC copies of q: copy c is rotated to
+// q_pos - row0 - 8c (row0: the warp's first row in the tile), and n-tile j = ROPE_QC * s + c of
+// the warp, whose key g sits at row0 + 8j + g of the tile, to the tile's position
+// 8 * ROPE_QC * s + g. So the keys' angles depend on the tile, s and g only, the same for the
+// 4 warps and for the 4 lanes sharing g: a table of ROPE_ROWS (8 per s) positions by
+// HEAD_DIM / 2 frequencies, as packed 16-bit (cos, sin), built once per tile by the whole block
+// (at head_dim 128, 4 angles per thread instead of 16) and read with one 8-byte load per chunk.
+// It is double-buffered and built one tile ahead, so the loop's one barrier per tile orders every
+// write before its reads, and after the reads (a tile earlier) of the buffer it overwrites.
+// Head_dim 256 has no registers for a second copy of q: ROPE_QC = 1 there.
+constexpr int ROPE_QC = HEAD_DIM <= 128 ? 2 : 1;
+static_assert((2 * KT) % ROPE_QC == 0, "RoPE: whole groups of n-tiles per q copy");
+constexpr int ROPE_CHUNKS = HEAD_DIM / 16;         // chunks of the first half
+constexpr int ROPE_ROWS = 8 * (2 * KT / ROPE_QC);  // key positions per tile
+constexpr int ROPE_PER_THREAD = ROPE_ROWS * ROPE_CHUNKS * 4 / NUM_THREADS;  // entries built
+static_assert(ROPE_PER_THREAD * NUM_THREADS == ROPE_ROWS * ROPE_CHUNKS * 4 &&
+                  (NUM_THREADS / 4) % ROPE_CHUNKS == 0,
+              "RoPE: each thread builds whole table entries, all of one (chunk, t)");
+// A thread's entries move by TILE positions from one tile to the next, so their angles advance by
+// a fixed step (angle addition, rope_advance: 4 f32 operations instead of a reduction and a sin
+// and cos); every ROPE_ANCHOR tiles they are computed exactly again, so that rounding cannot
+// drift (the step is within ~4e-7 of exact: 16 steps stay far below the 16-bit rounding of the
+// table). Head_dim 256 (8 entries per thread) has no registers to keep them: exact every tile.
+constexpr bool ROPE_RECUR = ROPE_PER_THREAD <= 2;
+constexpr int ROPE_ANCHOR = 16;
+constexpr int ROPE_KEPT = ROPE_RECUR ? ROPE_PER_THREAD : 1;
+// [row][chunk * 4 + t]: packed cos and sin of the pair dims chunk * 8 + 2t + {0, 1} at the tile's
+// position of the row. Rows are padded by 32 bytes: the 16 lanes of a half-warp's 8-byte loads
+// read 4 rows (g) at 4 t each, which then fall on distinct banks (unpadded, a row is a multiple of
+// 128 bytes and the loads conflict 4 ways).
+constexpr int ROPE_ROW_ENTRIES = ROPE_CHUNKS * 4 + 4;
+typedef uint2 RopeTable[ROPE_ROWS][ROPE_ROW_ENTRIES];
+
+// One thread's part of building the table: entries tid + k * NUM_THREADS, which are rows
+// row0 + k * ROW_STEP, all of one chunk and t (so of two frequencies).
+struct RopeTableBuilder {
+  static constexpr int ROW_STEP = NUM_THREADS / (4 * ROPE_CHUNKS);
+  int k0, row0, chunk, t;  // k0: the position of the work item's first key
+  // ROPE_RECUR: the angles of the entries of the last table built (cos, sin per pair dim), and
+  // the step from one tile to the next (cos and sin of TILE * f, for the two frequencies f).
+  float cs[ROPE_KEPT][2] = {}, sn[ROPE_KEPT][2] = {}, step[4] = {};
+
+  __device__ __forceinline__ RopeTableBuilder(int tid, const float2 (*freq)[4], int key0)
+      : k0(key0), row0(tid / (4 * ROPE_CHUNKS)), chunk((tid / 4) % ROPE_CHUNKS), t(tid % 4) {
+    if constexpr (ROPE_RECUR) {
+      const float2 f = freq[chunk][t];
+      rope_sincos(TILE, f.x, step[1], step[0]);
+      rope_sincos(TILE, f.y, step[3], step[2]);
+    }
+  }
+  // The angles of entry k of tile `tile`, exactly.
+  __device__ __forceinline__ void exact(const float2 (*freq)[4], int tile, int k, float (&c)[2],
+                                        float (&s)[2]) const {
+    const float2 f = freq[chunk][t];  // from shared memory: not kept in registers
+    const int row = row0 + k * ROW_STEP;
+    const int pos = k0 + tile * TILE + 8 * ROPE_QC * (row / 8) + row % 8;
+    rope_sincos(pos, f.x, s[0], c[0]);
+    rope_sincos(pos, f.y, s[1], c[1]);
+  }
+  __device__ __forceinline__ void store(RopeTable& tab, int k, const float (&c)[2],
+                                        const float (&s)[2]) const {
+    tab[row0 + k * ROW_STEP][chunk * 4 + t] =
+        make_uint2(pack2<DTypeKV>(c[0], c[1]), pack2<DTypeKV>(s[0], s[1]));
+  }
+  // Writes this thread's entries of tile `tile` into `tab`; called for tiles 0, 1, 2, ... in order.
+  __device__ __forceinline__ void build(RopeTable& tab, const float2 (*freq)[4], int tile) {
+    if constexpr (ROPE_RECUR) {
+      // Advance, then overwrite on anchor tiles (so that the angles keep their registers).
+#pragma unroll
+      for (int k = 0; k < ROPE_PER_THREAD; ++k) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) rope_advance(cs[k][e], sn[k][e], step[2 * e], step[2 * e + 1]);
+      }
+      if (tile % ROPE_ANCHOR == 0) {
+#pragma unroll
+        for (int k = 0; k < ROPE_PER_THREAD; ++k) exact(freq, tile, k, cs[k], sn[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < ROPE_PER_THREAD; ++k) store(tab, k, cs[k], sn[k]);
+    } else {
+#pragma unroll 1
+      for (int k = 0; k < ROPE_PER_THREAD; ++k) {
+        float c[2], s[2];
+        exact(freq, tile, k, c, s);
+        store(tab, k, c, s);
+      }
+    }
+  }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 batch_decode(const DecodeParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -40,31 +142,16 @@ batch_decode(const DecodeParams p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int kv_head = blockIdx.y;
+  const int kv_head = block_kv_head(p);
   // Both loads in flight at once: the work list always has a slot for every block of the grid.
-  const DecodeWork w = p.work[blockIdx.x];
+  const DecodeWork w = p.work[block_item(p)];
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
 #if VARIANT_ROPE
-  // RoPE (decode_variant.cuh), on the K fragments in registers: no shared-memory pass and no extra
-  // barrier per tile. After ldmatrix a thread holds, for key g of each 8-key n-tile, dims
-  // c * 8 + 2t + {0, 1} of every 16-byte chunk c, and the partner of chunk c < HEAD_DIM / 16 is
-  // chunk c + HEAD_DIM / 16, which the same thread receives in the same register of the ldmatrix
-  // HEAD_DIM / 64 steps (of 32 dims) further on. So both halves are loaded together and each pair
-  // is rotated in place before the mmas read it.
-  //
-  // Sines and cosines are shared by n-tiles: <R(a) q, R(b) k> depends only on b - a, so n-tile j
-  // (keys 8j further on) can be scored against a copy of q rotated 8 positions back per n-tile
-  // while its keys turn by the angle of n-tile 0's. ROPE_QC copies of q: copy c = j % ROPE_QC is
-  // rotated to q_pos - 8c, and n-tile j's keys to the position of n-tile (j - c)'s key g, so
-  // each thread computes one angle per pair per ROPE_QC n-tiles (half the sin/cos at 2, the
-  // main cost). Head_dim 256 has no registers for a second copy of q: ROPE_QC = 1 there.
-  constexpr int ROPE_QC = HEAD_DIM <= 128 ? 2 : 1;
-  static_assert((2 * KT) % ROPE_QC == 0, "RoPE: whole groups of n-tiles per q copy");
-  // The frequencies of pair dims c * 8 + 2t + {0, 1} (t = lane % 4, c < HEAD_DIM / 16), shared by
-  // the block's warps: a table in shared memory (read as one float2) keeps them out of registers,
-  // which head_dim 256 has none of to spare. The barrier is uniform (after the early return).
-  __shared__ float2 rope_freq_s[HEAD_DIM / 16][4];
+  // RoPE: the frequencies of pair dims c * 8 + 2t + {0, 1} (t = lane % 4, c < HEAD_DIM / 16) and
+  // the key-angle table (see above). The barrier is uniform (after the early return).
+  __shared__ float2 rope_freq_s[ROPE_CHUNKS][4];
+  __shared__ RopeTable rope_tab_s[2];
   if (tid < HEAD_DIM / 4) {
     const int c = tid / 4, d = c * 8 + 2 * (tid % 4);
     rope_freq_s[c][tid % 4] = make_float2(rope_inv_freq(d, p.rope_log2_theta, p.rope_rcp_scale),
@@ -73,12 +160,15 @@ batch_decode(const DecodeParams p) {
   __syncthreads();
   const int rope_off = p.rope_offsets[w.request];
   const int rope_k0 = rope_off + w.kv_start;  // position of the item's first key
+  RopeTableBuilder rope_tab(tid, rope_freq_s, rope_k0);
+  rope_tab.build(rope_tab_s[0], rope_freq_s, 0);  // read after the first tile's barrier
   // Query fragments, rotated (ROPE_QC copies) and converted to the KV type; rows >= GROUP are zero.
   // Fragment ks's partner is ks + HEAD_DIM / 32 (the same columns HEAD_DIM / 2 further on).
   u32 qa[ROPE_QC][HEAD_DIM / 16][4];
   {
     const DTypeQ* q0 = p.q + ((long long)w.request * p.num_qo_heads + kv_head * GROUP) * HEAD_DIM;
-    const int q_pos = rope_off + p.kv_lens[w.request] - 1;
+    // This warp's copies of q turn back by its first row, and copy c by 8c more (see above).
+    const int q_pos = rope_off + p.kv_lens[w.request] - 1 - warp * WARP_TOKENS;
 #pragma unroll
     for (int ks = 0; ks < HEAD_DIM / 32; ++ks) {
 #pragma unroll
@@ -213,19 +303,15 @@ batch_decode(const DecodeParams p) {
 #if VARIANT_ROPE
     // 32 dims and their partners per step: load both halves' fragments, rotate them (rows past the
     // chunk's end are zeros and stay zeros; they are masked below), then both halves' mmas.
-    const int kpos0 = rope_k0 + tile * TILE + row0 + g;  // this thread's key of n-tile 0
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 64; ++kk) {
-      float sn[4][2], cs[4][2];
+      uint2 rot[4];  // packed cos, sin of chunks kk * 4 + i
 #pragma unroll
       for (int j = 0; j < 2 * KT; ++j) {
         if (j % ROPE_QC == 0) {
+          const RopeTable& tab = rope_tab_s[tile & 1];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 f = rope_freq_s[kk * 4 + i][t];
-            rope_sincos(kpos0 + 8 * j, f.x, sn[i][0], cs[i][0]);
-            rope_sincos(kpos0 + 8 * j, f.y, sn[i][1], cs[i][1]);
-          }
+          for (int i = 0; i < 4; ++i) rot[i] = tab[8 * (j / ROPE_QC) + g][(kk * 4 + i) * 4 + t];
         }
         const int krow = row0 + j * 8 + (lane & 7);
         u32 lo[4], hi[4];
@@ -233,13 +319,7 @@ batch_decode(const DecodeParams p) {
         ldmatrix_x4(hi, ks_base + swizzle<HEAD_DIM>(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          float x[2], y[2];
-          unpack2(DTypeKV{}, lo[i], x[0], x[1]);
-          unpack2(DTypeKV{}, hi[i], y[0], y[1]);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) rope_pair(x[e], y[e], sn[i][e], cs[i][e]);
-          lo[i] = pack2<DTypeKV>(x[0], x[1]);
-          hi[i] = pack2<DTypeKV>(y[0], y[1]);
+          rope_pair2<DTypeKV>(lo[i], hi[i], rot[i].x, rot[i].y, rot[i].y ^ 0x80008000u);  // -sin
         }
         const u32(*qj)[4] = qa[j % ROPE_QC];
         mma_16816<DTypeKV>(s[j], qj[2 * kk], lo[0], lo[1]);
@@ -248,6 +328,8 @@ batch_decode(const DecodeParams p) {
         mma_16816<DTypeKV>(s[j], qj[2 * kk + 1 + HEAD_DIM / 32], hi[2], hi[3]);
       }
     }
+    // The next tile's angles, into the other buffer (uniform over the block).
+    if (tile + 1 < num_tiles) rope_tab.build(rope_tab_s[(tile + 1) & 1], rope_freq_s, tile + 1);
 #else
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {

@@ -15,12 +15,14 @@ use flashinfer::variant::{alibi_slopes, Rope, Variant};
 use flashinfer::{AttentionParams, Element, Error, LseBase, MaskMode};
 use support::*;
 
-/// LSE tolerance: fused RoPE rounds the rotated q and k to the 16-bit type for the tensor cores
-/// (the reference rotates in f64 and keeps them), which moves the logits, hence the LSE, by up to
-/// a few 1e-3 at bf16; the outputs stay within DESIGN.md's tolerance, checked separately.
+/// LSE tolerance: fused RoPE rotates the keys in packed 16-bit arithmetic (bf16 cos/sin, each
+/// product rounded) and rounds the rotated q for the tensor cores, while the reference rotates in
+/// f64; a one-key row's LSE is its logit, which then moves by 2.6e-3 rms at bf16 (a helper's
+/// simulation over the tests' input distributions: 6.5e-6 of rows beyond 1e-2, so 1e-2 would fail
+/// about one full run in 60). The outputs stay within DESIGN.md's tolerance, checked separately.
 fn lse_tolerance(v: &Variant<'_>) -> f32 {
     if v.rope.is_some() {
-        1e-2
+        2e-2
     } else {
         2e-3
     }

@@ -1,8 +1,9 @@
 //! Batch decode on a paged KV cache: one query token per request, every KV head, GQA.
 //!
 //! `plan()` runs on the host from the page table alone: it picks the kernel specialisation, splits
-//! long requests when the batch cannot fill the GPU, and copies the work list into the workspace in
-//! one transfer. `run()` validates the device tensors and launches one kernel; when a request was
+//! long requests when the batch cannot fill the GPU or would leave them running alone (a simulated
+//! block scheduler picks the chunk, plan/decode/split.rs), and copies the work list into the
+//! workspace in one transfer. `run()` validates the device tensors and launches one kernel; when a request was
 //! split, the last of its blocks to finish merges the partial states (kernels/decode_common.cuh).
 //! `set_variant` adds RoPE, a soft cap, ALiBi, a sliding window and sinks (decode/variant.rs).
 
@@ -13,7 +14,8 @@ mod variant;
 pub(crate) use fastdiv::fast_div_params;
 
 pub use crate::plan::decode::{
-    plan_decode, plan_decode_fixed_chunk, DecodeSchedule, DecodeWork, CHUNK_ALIGN, MIN_CHUNK,
+    max_work_items, plan_decode, plan_decode_fixed_chunk, plan_decode_with, DecodeSchedule,
+    DecodeWork, Dispatch, SplitModel, SplitPolicy, CHUNK_ALIGN, MIN_CHUNK,
 };
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
@@ -128,7 +130,21 @@ pub struct BatchDecode {
     graph: Option<GraphShape>,
     /// Batch-invariant mode's fixed split size.
     fixed_chunk: Option<usize>,
+    /// How a batch that fills the GPU by itself is split (`FLASHINFER_DECODE_SPLIT`).
+    split: SplitPolicy,
     variant: DecodeVariant,
+}
+
+/// The tuning knob `FLASHINFER_DECODE_SPLIT` (`old`, `new`, or `new:start=3,merge=1,...`; see
+/// [`SplitPolicy`]'s `FromStr`): read when an op is created, so that a benchmark can compare
+/// split policies on the GPU host without rebuilding. Unset or empty: the default policy.
+fn split_policy_from_env() -> Result<SplitPolicy> {
+    match std::env::var("FLASHINFER_DECODE_SPLIT") {
+        Ok(v) if !v.trim().is_empty() => {
+            v.parse().map_err(|e| invalid("FLASHINFER_DECODE_SPLIT", e))
+        }
+        _ => Ok(SplitPolicy::default()),
+    }
 }
 
 /// Compiles (or loads from the cache) the kernel of `tiles`.
@@ -172,6 +188,7 @@ impl BatchDecode {
                  also passes their values"
             )
         })?;
+        let split = split_policy_from_env()?;
         let decode_fn = load_kernel(dev, &tiles)?;
         let workspace = Workspace::new(dev.stream(), 1 << 20)?;
         Ok(Self {
@@ -188,6 +205,7 @@ impl BatchDecode {
             planned: false,
             graph: None,
             fixed_chunk: None,
+            split,
             variant: DecodeVariant::default(),
         })
     }
@@ -207,9 +225,9 @@ impl BatchDecode {
             "max_batch must be at least 1".into()
         })?;
         let mut op = Self::new(dev, cfg)?;
-        // The planner makes one item per request, or (when it splits) at most one wave of items
-        // plus one per request (plan/decode.rs).
-        let max_work = limits.max_batch + (op.wave() / cfg.heads.num_kv_heads).max(1);
+        // The planner makes one item per request, or (when it splits) at most a few waves of
+        // items plus one per request, whatever the split policy (plan/decode.rs).
+        let max_work = max_work_items(limits.max_batch, cfg.heads.num_kv_heads, op.wave());
         op.layout = plan_layout(max_work, limits.max_batch, max_work, cfg.heads);
         op.workspace = Workspace::new(dev.stream(), op.layout.total)?;
         op.graph = Some(GraphShape { limits, max_work });
@@ -259,6 +277,17 @@ impl BatchDecode {
         self.variant = state;
         self.planned = false;
         Ok(())
+    }
+
+    /// How later plans split a batch that fills the GPU by itself (default: the environment's
+    /// `FLASHINFER_DECODE_SPLIT`, else [`SplitPolicy::default`]). Batch-invariant mode and
+    /// batches too small to fill the GPU do not depend on it.
+    pub fn set_split_policy(&mut self, policy: SplitPolicy) {
+        self.split = policy;
+    }
+    /// The split policy of later plans.
+    pub fn split_policy(&self) -> SplitPolicy {
+        self.split
     }
 
     /// Blocks of this kernel resident on the whole GPU at once.
@@ -311,13 +340,14 @@ impl BatchDecode {
                 })?;
                 plan_decode_fixed_chunk(&planned_lens, page_begin, chunk)
             }
-            None => plan_decode(
+            None => plan_decode_with(
                 &planned_lens,
                 page_begin,
                 self.cfg.heads.num_kv_heads,
                 wave,
                 max_pieces,
                 self.cfg.allow_split,
+                &self.split,
             ),
         };
         if let Some(starts) = &window_starts {
@@ -536,9 +566,11 @@ impl BatchDecode {
             rope_log2_theta: var.rope_log2_theta,
         };
         let launch_cfg = LaunchConfig {
+            // One block per (work item, KV head), heads fastest (decode_common.cuh).
             grid: (
-                self.graph.map_or(self.schedule.work.len(), |g| g.max_work) as u32,
-                h.num_kv_heads as u32,
+                (self.graph.map_or(self.schedule.work.len(), |g| g.max_work) * h.num_kv_heads)
+                    as u32,
+                1,
                 1,
             ),
             block: self.tiles.block(),

@@ -4,6 +4,12 @@
 //! alone cannot fill the GPU, long requests are split into chunks (split-KV) whose partial states
 //! are merged exactly afterwards. The chunk size is the smallest (so the most parallel) for which
 //! the items still fit in one wave of resident blocks; splitting further would only add merge work.
+//! A batch that fills the GPU by itself is split where a simulation of the block scheduler says
+//! it shortens the step (plan/decode/split.rs, [`SplitPolicy`]).
+
+mod split;
+
+pub use split::{estimate_makespan, Dispatch, SplitEstimate, SplitModel, SplitPolicy, MAX_WAVES};
 
 /// One unit of decode work, laid out exactly as `DecodeWork` in kernels/decode.cuh.
 #[repr(C)]
@@ -39,9 +45,17 @@ pub const MIN_CHUNK: usize = 64;
 /// common tile of 32, and whole pages for power-of-two page sizes up to 64).
 pub const CHUNK_ALIGN: usize = 64;
 
-/// Plans a decode step. `kv_lens[i]` tokens of request `i`, its pages starting at
-/// `page_begin[i]`; `num_kv_heads` blocks per work item; `wave` = blocks resident at once;
-/// at most `max_pieces` chunks per request (the in-kernel merge keeps their LSEs in shared memory).
+/// The most work items [`plan_decode_with`] makes for `batch` requests, whatever the policy and
+/// the lengths: one per request, or, split, at most [`MAX_WAVES`] waves of items plus one per
+/// request (CUDA-graph mode sizes its grid and workspace for this).
+pub fn max_work_items(batch: usize, num_kv_heads: usize, wave: usize) -> usize {
+    batch + MAX_WAVES * (wave / num_kv_heads.max(1)).max(1)
+}
+
+/// Plans a decode step with the default [`SplitPolicy`]. `kv_lens[i]` tokens of request `i`, its
+/// pages starting at `page_begin[i]`; `num_kv_heads` blocks per work item; `wave` = blocks
+/// resident at once; at most `max_pieces` chunks per request (the in-kernel merge keeps their
+/// LSEs in shared memory).
 pub fn plan_decode(
     kv_lens: &[usize],
     page_begin: &[i32],
@@ -49,6 +63,27 @@ pub fn plan_decode(
     wave: usize,
     max_pieces: usize,
     allow_split: bool,
+) -> DecodeSchedule {
+    plan_decode_with(
+        kv_lens,
+        page_begin,
+        num_kv_heads,
+        wave,
+        max_pieces,
+        allow_split,
+        &SplitPolicy::default(),
+    )
+}
+
+/// [`plan_decode`] with an explicit policy for batches that fill the GPU by themselves.
+pub fn plan_decode_with(
+    kv_lens: &[usize],
+    page_begin: &[i32],
+    num_kv_heads: usize,
+    wave: usize,
+    max_pieces: usize,
+    allow_split: bool,
+    policy: &SplitPolicy,
 ) -> DecodeSchedule {
     let items_wanted = (wave / num_kv_heads.max(1)).max(1);
     let max_len = kv_lens.iter().copied().max().unwrap_or(0);
@@ -73,20 +108,29 @@ pub fn plan_decode(
             chunk = Some(hi);
         }
     } else if allow_split && max_len > MIN_CHUNK {
-        // A batch that fills the GPU by itself: split only requests longer than a fair share of
-        // the work per resident block (total / blocks), so that a long request does not run alone
-        // after the others finished. With the items ordered longest first, the GPU's block
-        // scheduler then assigns each to the least-loaded slot (greedy longest-processing-time).
-        // Items: sum of ceil(len / chunk) <= total / chunk + batch <= items_wanted + batch.
+        // A batch that fills the GPU by itself: split only requests longer than some chunk, so
+        // that a long request does not run alone after the others finished. Items come longest
+        // first. Items: sum of ceil(len / chunk) <= total / chunk + batch, and every chunk is
+        // at least total / (MAX_WAVES waves of items).
         let total: usize = kv_lens.iter().sum();
-        let c = round(
-            MIN_CHUNK
-                .max(total.div_ceil(items_wanted))
-                .max(max_len.div_ceil(max_pieces.max(1))),
-        );
-        if c < max_len {
-            chunk = Some(c);
-        }
+        let floor = round(MIN_CHUNK.max(max_len.div_ceil(max_pieces.max(1))));
+        chunk = match policy {
+            // A fair share of the work per resident block (total / blocks).
+            SplitPolicy::FairShare => {
+                Some(round(floor.max(total.div_ceil(items_wanted)))).filter(|&c| c < max_len)
+            }
+            // The candidate with the smallest simulated makespan (split.rs).
+            SplitPolicy::Simulated(model) => split::pick_chunk(
+                kv_lens,
+                total,
+                max_len,
+                floor,
+                CHUNK_ALIGN,
+                num_kv_heads,
+                wave,
+                model,
+            ),
+        };
     }
     schedule_with_chunk(kv_lens, page_begin, chunk)
 }
@@ -144,116 +188,4 @@ fn schedule_with_chunk(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Every token of every request is covered by exactly one item, chunks respect pages, and
-        /// the merge lists name exactly the split requests' slots.
-        #[test]
-        fn covers_every_token_once(
-            lens in proptest::collection::vec(0usize..20_000, 0..40),
-            page_size in 1usize..=64,
-            heads in 1usize..=8,
-            wave in 1usize..=2000,
-            max_pieces in 1usize..=300,
-        ) {
-            let begin: Vec<i32> = lens.iter().scan(0i32, |acc, &l| {
-                let b = *acc; *acc += l.div_ceil(page_size) as i32; Some(b)
-            }).collect();
-            let s = plan_decode(&lens, &begin, heads, wave, max_pieces, true);
-            // (start, len) of every item per request, checked for exact contiguous coverage
-            // below (items come longest first, not in token order).
-            let mut pieces: Vec<Vec<(usize, usize)>> = vec![Vec::new(); lens.len()];
-            let mut slots = vec![false; s.num_partial];
-            for w in &s.work {
-                let r = w.request as usize;
-                prop_assert_eq!(w.page_begin, begin[r]);
-                pieces[r].push((w.kv_start as usize, w.kv_len as usize));
-                if let Some(c) = s.chunk_size { prop_assert_eq!(c % CHUNK_ALIGN, 0); }
-                if w.partial >= 0 {
-                    prop_assert!(w.partial >= w.merge_begin && w.partial < w.merge_begin + w.num_pieces);
-                    prop_assert!(!slots[w.partial as usize]);
-                    slots[w.partial as usize] = true;
-                }
-            }
-            for (r, p) in pieces.iter_mut().enumerate() {
-                p.sort_unstable();
-                let mut at = 0;
-                for &(start, len) in p.iter() {
-                    prop_assert_eq!(start, at);
-                    at += len;
-                }
-                prop_assert_eq!(at, lens[r]);
-            }
-            prop_assert!(slots.iter().all(|&x| x));
-            prop_assert!(s.work.iter().all(|w| (w.num_pieces as usize) <= max_pieces || w.partial < 0));
-            // A split request's items agree on its slot range, which holds exactly its pieces.
-            for w in s.work.iter().filter(|w| w.partial >= 0) {
-                let same: Vec<_> = s.work.iter().filter(|x| x.request == w.request).collect();
-                prop_assert_eq!(same.len(), w.num_pieces as usize);
-                prop_assert!(same.iter().all(|x| x.merge_begin == w.merge_begin && x.num_pieces == w.num_pieces));
-            }
-            if s.chunk_size.is_some() {
-                prop_assert!(s.work.len() <= (wave / heads).max(1) + lens.len());
-            }
-            prop_assert!(s.work.windows(2).all(|p| p[0].kv_len >= p[1].kv_len));
-        }
-    }
-
-    proptest! {
-        /// Batch-invariant mode: a request's items are the same whatever else is in the batch.
-        #[test]
-        fn fixed_chunk_items_do_not_depend_on_the_batch(
-            lens in proptest::collection::vec(0usize..5000, 1..20),
-            chunk_tiles in 1usize..20,
-            pick in 0usize..20,
-        ) {
-            let chunk = chunk_tiles * CHUNK_ALIGN;
-            let r = pick % lens.len();
-            let begin = vec![0i32; lens.len()];
-            let of = |s: &DecodeSchedule, req: i32| {
-                let mut v: Vec<(i32, i32, i32)> = s
-                    .work
-                    .iter()
-                    .filter(|w| w.request == req)
-                    .map(|w| (w.kv_start, w.kv_len, w.num_pieces))
-                    .collect();
-                v.sort_unstable();
-                v
-            };
-            let in_batch = plan_decode_fixed_chunk(&lens, &begin, chunk);
-            let alone = plan_decode_fixed_chunk(&lens[r..=r], &[0], chunk);
-            prop_assert_eq!(of(&in_batch, r as i32), of(&alone, 0));
-        }
-    }
-
-    #[test]
-    fn small_batch_of_long_requests_is_split() {
-        let s = plan_decode(&[32768], &[0], 8, 132 * 3, 4096, true);
-        assert!(s.chunk_size.is_some());
-        assert!(s.work.len() > 1 && s.work.len() <= 132 * 3 / 8);
-        let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 132 * 3, 4096, true);
-        assert_eq!(s.chunk_size, None, "a full uniform batch is not split");
-        // A full but skewed batch: the long request is cut into chunks of about a fair share
-        // (total / blocks), the short ones stay whole, and the longest items come first.
-        let lens: Vec<usize> = [32768].into_iter().chain([256; 63]).collect();
-        let s = plan_decode(&lens, &vec![0; 64], 8, 264, 4096, true);
-        let c = s.chunk_size.expect("the long request is split");
-        assert!(
-            (48896 / 33..=48896 / 33 + CHUNK_ALIGN).contains(&c),
-            "chunk {c}"
-        );
-        assert_eq!(
-            s.work.iter().filter(|w| w.request == 0).count(),
-            32768usize.div_ceil(c)
-        );
-        assert_eq!(s.work[0].request, 0);
-        assert!(s.work.len() <= 33 + 64);
-        assert_eq!(
-            plan_decode(&[0, 5], &[0, 0], 8, 400, 4096, true).work.len(),
-            2
-        );
-    }
-}
+mod tests;
