@@ -16,7 +16,7 @@ use flashinfer::prefill::{
 };
 use flashinfer::random::SplitMix64;
 use flashinfer::reference::{self, rel_l2_error};
-use flashinfer::{AttentionParams, Element, LseBase, MaskMode};
+use flashinfer::{AttentionParams, DType, Element, LseBase, MaskMode};
 use support::*;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +45,8 @@ struct Case {
     lse: bool,
     allow_split: bool,
     expect_split: Option<bool>,
+    /// Run only these tiles (no sweep over the other block shapes).
+    tiles: Option<PrefillTiles>,
 }
 
 fn case(
@@ -69,6 +71,7 @@ fn case(
         lse: true,
         allow_split: true,
         expect_split: None,
+        tiles: None,
     }
 }
 
@@ -197,7 +200,7 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
         allow_split: c.allow_split,
     };
     // The engine's choice, then (on Hopper, when it chose wgmma) the portable backend.
-    let mut variants = vec![None];
+    let mut variants = vec![c.tiles];
     let mut outputs = Vec::new();
     let mut vi = 0;
     while vi < variants.len() {
@@ -217,7 +220,7 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut SplitMix64) -> Vec<f32>
             );
         }
         let tiles = op.tiles().unwrap();
-        if vi == 0 && tiles.wgmma {
+        if vi == 0 && tiles.wgmma && c.tiles.is_none() {
             // Hopper chose wgmma: the other wgmma block shapes, with and without a producer
             // warpgroup, and the portable mma.sync tiles must pass the same case.
             for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 2), (3, 64, 3), (3, 128, 2)] {
@@ -640,5 +643,51 @@ fn gpu_prefill_sanitizer_cases() {
     );
     let mut c = case(vec![70], vec![70], 16, (2, 1), 256, Mask::None);
     c.layout = KvLayout::Hnd;
+    run_case::<half::bf16>(&c, &mut rng);
+}
+
+/// The producer-warpgroup (warp-specialised) wgmma kernel in each block shape it runs in, on small
+/// cases (one tile shape each, no sweep) that compute-sanitizer's racecheck finishes quickly: the
+/// mbarrier pipeline, the consumers-only barriers of the epilogue, a split merge, a custom mask
+/// and an empty request. `bash .gpu/run sanitize producer_sanitizer`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_producer_sanitizer_cases() {
+    if device().arch() < flashinfer::jit::Arch::SM90 {
+        eprintln!("the producer warpgroup needs sm_90a; nothing to check on this GPU");
+        return;
+    }
+    let mut rng = Rng::fresh("prefill_producer_sanitizer");
+    let ws = |d, g, paged, mask, wg, kt, ns| {
+        let mut t = PrefillTiles::wgmma(d, g, DType::BF16, paged, mask, wg, kt);
+        t.warp_specialized = true;
+        t.nstage = ns;
+        Some(t)
+    };
+    for (wg, kt, ns) in [(3, 128, 2), (3, 64, 3), (2, 128, 2), (1, 64, 2)] {
+        let mut c = case(
+            vec![100, 0, 30],
+            vec![100, 5, 300],
+            0,
+            (8, 2),
+            128,
+            Mask::Causal,
+        );
+        c.tiles = ws(128, 4, false, PrefillMask::Causal, wg, kt, ns);
+        run_case::<half::bf16>(&c, &mut rng);
+    }
+    let mut c = case(vec![3], vec![700], 5, (8, 2), 64, Mask::Causal);
+    c.expect_split = Some(true);
+    c.tiles = ws(64, 4, true, PrefillMask::Causal, 1, 64, 2);
+    run_case::<half::bf16>(&c, &mut rng);
+    let mut c = case(
+        vec![20, 5],
+        vec![40, 200],
+        16,
+        (4, 4),
+        128,
+        Mask::CustomRandom,
+    );
+    c.tiles = ws(128, 1, true, PrefillMask::Custom, 3, 64, 3);
     run_case::<half::bf16>(&c, &mut rng);
 }
