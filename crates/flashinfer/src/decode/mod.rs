@@ -566,13 +566,16 @@ impl BatchDecode {
             rope_log2_theta: var.rope_log2_theta,
         };
         let launch_cfg = LaunchConfig {
-            // One block per (work item, KV head), heads fastest (decode_common.cuh).
-            grid: (
-                (self.graph.map_or(self.schedule.work.len(), |g| g.max_work) * h.num_kv_heads)
-                    as u32,
-                1,
-                1,
-            ),
+            // One block per (work item, KV head), in the order decode_common.cuh describes. A
+            // graph's launch is fixed while its plans change, so it takes heads fastest.
+            grid: {
+                let items = self.graph.map_or(self.schedule.work.len(), |g| g.max_work);
+                if self.graph.is_some() || self.schedule.heads_fastest() {
+                    ((items * h.num_kv_heads) as u32, 1, 1)
+                } else {
+                    (items as u32, h.num_kv_heads as u32, 1)
+                }
+            },
             block: self.tiles.block(),
             smem_bytes: self.tiles.smem_bytes() as u32,
         };

@@ -249,7 +249,6 @@ fn h200_plan(lens: &[usize], policy: &SplitPolicy) -> DecodeSchedule {
     )
 }
 
-
 /// The model with head-major dispatch: blocks of one KV head after another, where finer splits
 /// pay (the decode grid before session 4; the default is item-major, under which the fitted model
 /// keeps the fair share for the batches below).
@@ -543,4 +542,43 @@ fn small_batch_of_long_requests_is_split() {
         plan_decode(&[0, 5], &[0, 0], 8, 400, 4096, true).work.len(),
         2
     );
+}
+
+#[test]
+fn grid_order_follows_the_batch() {
+    // Uniform and unsplit: items first. Uneven or split: KV heads fastest.
+    let s = plan_decode(&[4096; 64], &vec![0; 64], 8, 264, 4096, true);
+    assert!(s.chunk_size.is_none() && !s.heads_fastest());
+    let lens: Vec<usize> = (0..64).map(|i| 512 + 100 * i).collect();
+    assert!(plan_decode(&lens, &vec![0; 64], 8, 264, 4096, true).heads_fastest());
+    let s = plan_decode(&[32768], &[0], 8, 264, 4096, true);
+    assert!(s.chunk_size.is_some() && s.heads_fastest());
+    assert!(!DecodeSchedule::default().heads_fastest());
+}
+
+#[test]
+fn deep_batches_skip_the_simulation_and_agree_with_it() {
+    // At least DEEP_WAVES waves of items, none longer than a fair share: no split, and the
+    // simulated search agrees on such batches.
+    let mut rng = crate::random::SplitMix64::new(11);
+    for _ in 0..20 {
+        let lens: Vec<usize> = (0..256)
+            .map(|_| 1 + (rng.next_u64() % 8192) as usize)
+            .collect();
+        let s = plan_decode(&lens, &vec![0; 256], 8, 264, 4096, true);
+        assert_eq!(s.chunk_size, None);
+        let total: usize = lens.iter().sum();
+        let max_len = *lens.iter().max().unwrap();
+        let picked = split::pick_chunk(
+            &lens,
+            total,
+            max_len,
+            64,
+            CHUNK_ALIGN,
+            8,
+            264,
+            &SplitModel::DEFAULT,
+        );
+        assert_eq!(picked, None, "the simulation would split {lens:?}");
+    }
 }
