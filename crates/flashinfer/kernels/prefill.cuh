@@ -51,6 +51,13 @@
 #ifndef PREFILL_WS
 #define PREFILL_WS 0
 #endif
+// Persistent blocks (with PREFILL_WS): one block per SM walks the items; the producer loads the
+// next item's Q and first K/V tiles while the consumers finish this one (two Q buffers), and the
+// consumers write the output from registers through their own rows of the Q buffer. Plans with
+// split KV do not take it (the merge needs the stage memory the producer is refilling).
+#ifndef PREFILL_PERSISTENT
+#define PREFILL_PERSISTENT 0
+#endif
 #if PREFILL_WS
 #include "pipeline.cuh"
 #endif
@@ -125,6 +132,10 @@ static_assert(WARPS_Q % 4 == 0 && M_TILES == 1 && WARPS_KV == 1, "wgmma: whole w
 static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma: head_dim 64 or 128");
 static_assert(KV_TILE == 64 || KV_TILE == 128, "wgmma: 64 or 128 keys per tile");
 #endif
+#if PREFILL_PERSISTENT
+static_assert(PREFILL_WS, "persistent blocks: with the producer warpgroup only");
+#endif
+constexpr int Q_BUFFERS = PREFILL_PERSISTENT ? 2 : 1;
 #if PREFILL_WS
 static_assert(PREFILL_WGMMA, "warp specialisation: the wgmma backend only");
 static_assert(!VARIANT_ROPE && !USER_HAS_QUERY_TRANSFORM && !USER_HAS_KEY_TRANSFORM,
@@ -139,7 +150,16 @@ constexpr int LAUNCH_REGS = (65536 / (LAUNCH_THREADS * MIN_BLOCKS_PER_SM)) / 8 *
 constexpr int PRODUCER_REGS = 32;
 constexpr int CONSUMER_REGS_FIT = (LAUNCH_REGS * (NUM_WARPS / 4 + 1) - PRODUCER_REGS) / (NUM_WARPS / 4) / 8 * 8;
 constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
-static_assert(CONSUMER_REGS >= LAUNCH_REGS, "warp specialisation must not shrink the consumers' registers");
+// A block alone on its SM with one consumer warpgroup already has 240 or more per thread: it
+// moves nothing (setmaxnreg.inc may not lower a thread's count).
+constexpr bool MOVE_REGS = CONSUMER_REGS > LAUNCH_REGS;
+static_assert(WARPS_KV == 1, "warp specialisation: every consumer warp reads every stage and releases it");
+__device__ __forceinline__ void producer_regs() {
+  if constexpr (MOVE_REGS) setmaxnreg_dec<PRODUCER_REGS>();
+}
+__device__ __forceinline__ void consumer_regs() {
+  if constexpr (MOVE_REGS) setmaxnreg_inc<CONSUMER_REGS>();
+}
 #endif
 
 // tanh on the special-function unit (sm_75 and newer).
@@ -149,8 +169,8 @@ __device__ __forceinline__ float tanh_approx(float x) {
   return y;
 }
 
-// The block-wide barrier of the threads that compute (all of them, or all but the producer warp,
-// which may have left).
+// The block-wide barrier of the threads that compute (all of them, or all but the producer
+// warpgroup, which may have left).
 __device__ __forceinline__ void consumers_sync() {
 #if PREFILL_WS
   named_barrier_sync<NUM_THREADS>(1);
@@ -292,6 +312,21 @@ __device__ __forceinline__ void transform_tile(T* tile, Fn f) {
 }
 #endif
 
+// What a work item covers for this kernel: its valid packed rows, the causal diagonal offset,
+// the keys it needs (cut, causal, at its last row's diagonal) and their KV tiles.
+struct ItemExtent {
+  int valid_rows, diag, kv_stop, num_tiles;
+};
+__device__ __forceinline__ ItemExtent item_extent(const PrefillWork& w) {
+  ItemExtent x;
+  x.valid_rows = min(CTA_Q, w.qo_len * GROUP - w.row_begin);
+  x.diag = w.kv_len - w.qo_len;  // causal: token i sees keys <= diag + i
+  x.kv_stop = w.kv_end;
+  if constexpr (MASK_MODE == MASK_CAUSAL) x.kv_stop = min(x.kv_stop, x.diag + (w.row_begin + x.valid_rows - 1) / GROUP + 1);
+  x.num_tiles = x.kv_stop > w.kv_begin ? (x.kv_stop - w.kv_begin + KV_TILE - 1) / KV_TILE : 0;
+  return x;
+}
+
 // Element offset of key `key` (within the request) of head 0, chunk 0.
 __device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const PrefillWork& w, int key) {
   const u32 abs_tok = (u32)(w.kv_offset + key);
@@ -307,7 +342,7 @@ __device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const
 // Writes the final output (VEC elements of packed row `row`) and, once per row, its LSE.
 template <int VEC>
 __device__ __forceinline__ void write_out(const PrefillParams& p, const PrefillWork& w, int kv_head, int row,
-                                          int d0, const float* o, float lse2) {
+                                          int d0, const float* o, float lse2, bool write_lse = true) {
   const int token = row / GROUP, head = kv_head * GROUP + row % GROUP;
   const long long orow = (long long)(w.q_start + token) * p.num_qo_heads + head;
 #if USER_HAS_OUTPUT_TRANSFORM
@@ -318,7 +353,7 @@ __device__ __forceinline__ void write_out(const PrefillParams& p, const PrefillW
   o = out;
 #endif
   store_vec_f32<DTypeO, VEC>(p.o + orow * HEAD_DIM + d0, o);
-  if (p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+  if (write_lse && p.lse != nullptr && d0 == 0) p.lse[orow] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
 }
 
 // Split KV: the last block of a tile to arrive merges the tile's partial states, in slot order (so
@@ -378,9 +413,11 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
 // have landed. Producer warp pw copies rows [pw * KV_TILE / 4, (pw + 1) * KV_TILE / 4) of every
 // tile; its lane l resolves (page lookup) row l of that range one tile ahead; a pass copies
 // 32 / CHUNKS rows, each lane one 16-byte chunk of K and of V (zero-filled past the keys).
+// `seq0`: the stage sequence number of the item's first tile (persistent blocks continue the
+// ring across items; stage seq % NSTAGE, its (seq / NSTAGE)-th use).
 __device__ __forceinline__ void produce_kv(const PrefillParams& p, const PrefillWork& w, int kv_head, int kv_stop,
                                            int num_tiles, DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar,
-                                           u64* empty_bar) {
+                                           u64* empty_bar, int seq0) {
   constexpr int WARP_ROWS = KV_TILE / 4;  // rows per producer warp: 16 or 32
   constexpr int P_ROWS = 32 / CHUNKS;     // rows per pass
   static_assert(32 % CHUNKS == 0 && WARP_ROWS <= 32 && WARP_ROWS % P_ROWS == 0, "producer: whole rows per pass");
@@ -394,8 +431,8 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
   };
   resolve(0);
   for (int tile = 0; tile < num_tiles; ++tile) {
-    const int stage = tile % NSTAGE;
-    if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
+    const int seq = seq0 + tile, stage = seq % NSTAGE;
+    if (seq >= NSTAGE) mbar_wait(&empty_bar[stage], ((seq / NSTAGE) - 1) & 1);
     DTypeKV* ks = k_smem + stage * KV_TILE * HEAD_DIM;
     DTypeKV* vs = v_smem + stage * KV_TILE * HEAD_DIM;
 #pragma unroll
@@ -423,8 +460,29 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
 #endif
     }
   }
-  cp_async_wait<0>();
 }
+
+#if PREFILL_PERSISTENT
+// The producer's Q copy of a persistent block: the item's tile of packed rows (zero past the
+// request) into a Q buffer; the hardware arrives on `q_full` when each lane's copies landed.
+__device__ __forceinline__ void produce_q(const PrefillParams& p, const PrefillWork& w, int kv_head, int valid_rows,
+                                          DTypeQ* q_tile, u64* q_full) {
+  constexpr int P_ROWS = PRODUCER_THREADS / CHUNKS;  // rows per pass
+  const int pt = threadIdx.x - NUM_THREADS, chunk = pt % CHUNKS;
+#pragma unroll 4
+  for (int r = pt / CHUNKS; r < CTA_Q; r += P_ROWS) {
+    const int row = w.row_begin + r;
+    const bool ok = r < valid_rows;
+    const DTypeQ* src = p.q;
+    if (ok) {
+      src += ((long long)(w.q_start + row / GROUP) * p.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM +
+             chunk * 8;
+    }
+    cp_async_16(q_tile + tile_offset<CTA_Q>(r, chunk), src, ok ? 16 : 0);
+  }
+  cp_async_mbar_arrive(q_full);
+}
+#endif
 #endif
 
 extern "C" __global__ void __launch_bounds__(LAUNCH_THREADS, MIN_BLOCKS_PER_SM)
@@ -433,30 +491,69 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   // wgmma's swizzle needs 1024-byte aligned tiles; the host adds 1 KB so this always fits.
   unsigned char* smem_raw = smem_dyn + ((1024 - ((u32)__cvta_generic_to_shared(smem_dyn) & 1023)) & 1023);
   DTypeQ* q_smem = reinterpret_cast<DTypeQ*>(smem_raw);
-  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(q_smem + CTA_Q * HEAD_DIM);
+  DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(q_smem + Q_BUFFERS * CTA_Q * HEAD_DIM);
   DTypeKV* v_smem = k_smem + NSTAGE * KV_TILE * HEAD_DIM;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int warp_q = warp % WARPS_Q, warp_kv = warp / WARPS_Q;
-  // Heads vary fastest over the grid, so the heaviest items (first in the list) of every head
-  // start first.
-  const int item = blockIdx.x / p.num_kv_heads, kv_head = blockIdx.x % p.num_kv_heads;
-  if (item >= *p.num_work) return;  // uniform over the block, before any barrier
 #if USER_VARIANT
   if (threadIdx.x == 0) g_user_params = user_params;  // published by the first barrier below
 #endif
+#if PREFILL_PERSISTENT
+  // Blocks stride over (item, KV head) pairs, heads fastest, as the non-persistent grid would
+  // start them; the producer walks the same sequence.
+  const int num_blocks_work = *p.num_work * p.num_kv_heads;
+  __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE], q_full[2], q_empty[2];
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NSTAGE; ++s) {
+      mbar_init(&full_bar[s], PRODUCER_THREADS);
+      mbar_init(&empty_bar[s], NUM_WARPS);
+    }
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(&q_full[b], PRODUCER_THREADS);
+      mbar_init(&q_empty[b], NUM_WARPS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
+  if (warp >= NUM_WARPS) {
+    producer_regs();
+    int seq = 0;
+    for (int b = blockIdx.x, it = 0; b < num_blocks_work; b += gridDim.x, ++it) {
+      const int item = b / p.num_kv_heads, kv_head = b % p.num_kv_heads;
+      const PrefillWork w = p.work[item];
+      const ItemExtent x = item_extent(w);
+      // The Q buffer of item it - 2 is free once its consumers wrote their output through it.
+      if (it >= 2) mbar_wait(&q_empty[it & 1], ((it >> 1) - 1) & 1);
+      produce_q(p, w, kv_head, x.valid_rows, q_smem + (it & 1) * CTA_Q * HEAD_DIM, &q_full[it & 1]);
+      produce_kv(p, w, kv_head, x.kv_stop, x.num_tiles, k_smem, v_smem, full_bar, empty_bar, seq);
+      seq += x.num_tiles;
+    }
+    return;  // copies still in flight complete on their own; the consumers wait for them
+  }
+  consumer_regs();
+  int kv_seq = 0;  // stage sequence number of the current item's first tile
+  for (int b = blockIdx.x, it = 0; b < num_blocks_work; b += gridDim.x, ++it) {
+    const int item = b / p.num_kv_heads, kv_head = b % p.num_kv_heads;
+    DTypeQ* const q_tile = q_smem + (it & 1) * CTA_Q * HEAD_DIM;
+#else
+  {
+    // Heads vary fastest over the grid, so the heaviest items (first in the list) of every head
+    // start first.
+    const int item = blockIdx.x / p.num_kv_heads, kv_head = blockIdx.x % p.num_kv_heads;
+    if (item >= *p.num_work) return;  // uniform over the block, before any barrier
+    DTypeQ* const q_tile = q_smem;
+    const int kv_seq = 0;
+#endif
   const PrefillWork w = p.work[item];
-  const int packed_len = w.qo_len * GROUP;
-  const int valid_rows = min(CTA_Q, packed_len - w.row_begin);
-  const int diag = w.kv_len - w.qo_len;  // causal: token i sees keys <= diag + i
+  const ItemExtent extent = item_extent(w);
+  const int valid_rows = extent.valid_rows, diag = extent.diag, kv_stop = extent.kv_stop;
+  const int num_tiles = extent.num_tiles;
 
-  // Keys this block needs: the item's range, cut (causal) at the last row's diagonal.
-  int kv_stop = w.kv_end;
-  if constexpr (MASK_MODE == MASK_CAUSAL) kv_stop = min(kv_stop, diag + (w.row_begin + valid_rows - 1) / GROUP + 1);
-  const int num_tiles = kv_stop > w.kv_begin ? (kv_stop - w.kv_begin + KV_TILE - 1) / KV_TILE : 0;
-
-#if PREFILL_WS
+#if PREFILL_WS && !PREFILL_PERSISTENT
   __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE];
   if (tid == 0) {
 #pragma unroll
@@ -468,13 +565,18 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   }
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
   if (warp >= NUM_WARPS) {
-    setmaxnreg_dec<PRODUCER_REGS>();
-    produce_kv(p, w, kv_head, kv_stop, num_tiles, k_smem, v_smem, full_bar, empty_bar);
-    return;
+    producer_regs();
+    produce_kv(p, w, kv_head, kv_stop, num_tiles, k_smem, v_smem, full_bar, empty_bar, 0);
+    return;  // copies still in flight complete on their own; the consumers wait for them
   }
-  setmaxnreg_inc<CONSUMER_REGS>();
+  consumer_regs();
 #endif
 
+#if PREFILL_PERSISTENT
+  // The producer copied this item's Q tile.
+  mbar_wait(&q_full[it & 1], (it >> 1) & 1);
+  fence_proxy_async();
+#else
   // Q tile -> shared memory (rows past the request are zero).
   const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
 #pragma unroll
@@ -488,13 +590,16 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       src += ((long long)(w.q_start + row / GROUP) * p.num_qo_heads + kv_head * GROUP + row % GROUP) * HEAD_DIM +
              ld_chunk * 8;
     }
-    cp_async_16(q_smem + tile_offset<CTA_Q>(r, ld_chunk), src, ok ? 16 : 0);
+    cp_async_16(q_tile + tile_offset<CTA_Q>(r, ld_chunk), src, ok ? 16 : 0);
   }
+#endif
 #if PREFILL_WS
+#if !PREFILL_PERSISTENT
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();  // our Q copies -> visible to the wgmma reads of every warpgroup
   consumers_sync();
+#endif
 #else
   // K/V loader: as in decode_tc.cuh, lane s of each CHUNKS-lane group resolves the row of pass s.
   const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
@@ -599,9 +704,10 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   }
 
   for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = (kv_seq + tile) % NSTAGE;
 #if PREFILL_WS
     // Wait for the producer's copies of this stage, then order them before our wgmma reads.
-    mbar_wait(&full_bar[tile % NSTAGE], (tile / NSTAGE) & 1);
+    mbar_wait(&full_bar[stage], ((kv_seq + tile) / NSTAGE) & 1);
     fence_proxy_async();
 #else
     cp_async_wait<NSTAGE - 2>();
@@ -627,14 +733,14 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       // publish: RoPE, or a user variant's key and query transforms.
       const int first_key = w.kv_begin + tile * KV_TILE;
 #if USER_HAS_KEY_TRANSFORM
-      transform_tile<KV_TILE>(k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM, [&](int r, int dim, float x) {
+      transform_tile<KV_TILE>(k_smem + stage * KV_TILE * HEAD_DIM, [&](int r, int dim, float x) {
         const int key = first_key + r;
         return key < kv_stop ? user_key_transform(g_user_params, x, kv_head, key, dim) : x;
       });
 #endif
 #if USER_HAS_QUERY_TRANSFORM
       if (tile == 0) {
-        transform_tile<CTA_Q>(q_smem, [&](int r, int dim, float x) {
+        transform_tile<CTA_Q>(q_tile, [&](int r, int dim, float x) {
           const int row = w.row_begin + r;
           return r < valid_rows
                      ? user_query_transform(g_user_params, x, kv_head * GROUP + row % GROUP, diag + row / GROUP, dim)
@@ -643,12 +749,12 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       }
 #endif
 #if VARIANT_ROPE
-      rope_tile<KV_TILE>(k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM, rope_freq, [&](int r) {
+      rope_tile<KV_TILE>(k_smem + stage * KV_TILE * HEAD_DIM, rope_freq, [&](int r) {
         const int key = first_key + r;
         return key < kv_stop ? rope_base + key : -1;
       });
       if (tile == 0) {
-        rope_tile<CTA_Q>(q_smem, rope_freq, [&](int r) {
+        rope_tile<CTA_Q>(q_tile, rope_freq, [&](int r) {
           return r < valid_rows ? rope_base + diag + (w.row_begin + r) / GROUP : -1;
         });
       }
@@ -661,10 +767,10 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #endif
     const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
     // (Never taken with wgmma, whose single key slice starts inside every tile: the
-    // warp-specialised loop below must reach its release of the stage.)
+    // warp-specialised loop must reach its release of the stage; WARPS_KV == 1 is asserted.)
     if (key0 >= kv_stop) continue;
-    const DTypeKV* ks = k_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
-    const DTypeKV* vs = v_smem + (tile % NSTAGE) * KV_TILE * HEAD_DIM;
+    const DTypeKV* ks = k_smem + stage * KV_TILE * HEAD_DIM;
+    const DTypeKV* vs = v_smem + stage * KV_TILE * HEAD_DIM;
     const int srow0 = warp_kv * WARP_KV;  // first stage row of this warp
 
     // S = Q K^T: M_TILES x NT_KV tiles of 16 x 8.
@@ -681,7 +787,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       wgmma_fence();
 #pragma unroll
       for (int kd = 0; kd < HEAD_DIM / 16; ++kd) {
-        const u64 da = sw128_desc(q_smem + (kd / 4) * CTA_Q * 64 + wg_row0 * 64 + (kd % 4) * 16, 16, 1024);
+        const u64 da = sw128_desc(q_tile + (kd / 4) * CTA_Q * 64 + wg_row0 * 64 + (kd % 4) * 16, 16, 1024);
         const u64 db = sw128_desc(ks + (kd / 4) * KV_TILE * 64 + (kd % 4) * 16, 16, 1024);
         wgmma_ss<DTypeKV, KV_TILE>(s[0], da, db);
       }
@@ -696,7 +802,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          ldmatrix_x4(qa[mt][h], q_smem + swizzle<HEAD_DIM>(warp_row0 + mt * 16 + (lane & 15),
+          ldmatrix_x4(qa[mt][h], q_tile + swizzle<HEAD_DIM>(warp_row0 + mt * 16 + (lane & 15),
                                                            kk * 4 + h * 2 + (lane >> 4)));
 #pragma unroll
       for (int j = 0; j < NT_KV; ++j) {
@@ -741,8 +847,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
           x *= 1.4426950408889634f;  // the softmax's base-2 domain
 #endif
 #elif VARIANT_SOFTCAP
-          // The hardware tanh (one MUFU op, relative error 2^-11, below bf16's rounding of P);
-          // libm's tanhf costs +60 % at 1 x 8192.
+          // The hardware tanh (one MUFU op, relative error 2^-11; P then moves by about
+          // |logit| * 2^-11 relative, 1 % at a logit of 20, as in FA2/FA3); libm's tanhf costs
+          // +60 % at 1 x 8192.
           x = p.softcap_out * tanh_approx(x * p.softcap_in);
 #elif !VARIANT_ALIBI
           x *= p.sm_scale_log2;
@@ -874,7 +981,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #if PREFILL_WS
       // This warp has read the stage for the last time: release it to the producer.
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[tile % NSTAGE]);
+      if (lane == 0) mbar_arrive(&empty_bar[stage]);
 #endif
     }
 #else
@@ -894,6 +1001,53 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
   }
+#if PREFILL_PERSISTENT
+  // Epilogue from registers (the producer may be refilling every stage already): each warp
+  // normalises its rows, writes them as 16-bit values into its warpgroup's own rows of this
+  // item's Q buffer (no longer read: every wgmma of the item has completed), and the warpgroup
+  // then copies them out row by row with 16-byte stores. Only then is the Q buffer released.
+  {
+    const int wg = warp / 4, wg_tid = tid % 128;
+    // The output goes where the Q tile was, in the same layout (tile_offset: 128-byte rows with
+    // XOR-swizzled chunks, so the fragment stores of a warp's eight row groups hit distinct banks).
+    auto out_offset = [](int r, int c) { return tile_offset<CTA_Q>(r, c); };
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float den = d[0][h];
+      den += __shfl_xor_sync(0xffffffffu, den, 1);
+      den += __shfl_xor_sync(0xffffffffu, den, 2);
+      float m_row = m[0][h], scale = 1.f;
+      const int r = warp_row0 + g + 8 * h;  // row of the tile
+#if VARIANT_SINKS
+      scale = sink_fold(p.sinks_log2[kv_head * GROUP + (w.row_begin + r) % GROUP], m_row, den);
+#endif
+      const float inv = den > 0.f ? scale / den : 0.f;
+      if (t == 0 && r < valid_rows && p.lse != nullptr) {
+        const int token = (w.row_begin + r) / GROUP, head = kv_head * GROUP + (w.row_begin + r) % GROUP;
+        const float lse2 = den > 0.f ? m_row + fast_log2(den) : NEG_INF;
+        p.lse[(long long)(w.q_start + token) * p.num_qo_heads + head] = lse2 == NEG_INF ? lse2 : lse2 * p.lse_out_scale;
+      }
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        const u32 v = pack2<DTypeO>(o[0][n][2 * h] * inv, o[0][n][2 * h + 1] * inv);
+        *reinterpret_cast<u32*>(q_tile + out_offset(r, n) + 2 * t) = v;
+      }
+    }
+    named_barrier_sync<128>(2 + wg);
+    for (int i = wg_tid; i < 64 * CHUNKS; i += 128) {
+      const int r = wg * 64 + i / CHUNKS, c = i % CHUNKS;
+      if (r < valid_rows) {
+        float v[8];
+        load_vec_f32<DTypeO, 8>(q_tile + out_offset(r, c), v);
+        write_out<8>(p, w, kv_head, w.row_begin + r, c * 8, v, 0.f, false);
+      }
+    }
+    named_barrier_sync<128>(2 + wg);  // every read of the Q buffer done before it is released
+    if (lane == 0) mbar_arrive(&q_empty[it & 1]);
+  }
+  kv_seq += num_tiles;
+  }
+#else
 #if !PREFILL_WS
   cp_async_wait<0>();
 #endif
@@ -962,4 +1116,6 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     consumers_sync();  // the state area is reused by the merge
     merge_tile_pieces(p, w, kv_head, valid_rows, reinterpret_cast<float*>(smem_raw));
   }
+  }
+#endif
 }

@@ -38,12 +38,17 @@ struct MergeAcc {
 // Folds an attention sink (a state with lse `sink`, base 2, and no value) into an unnormalised row
 // state (m, den, acc over V output elements). Called exactly once per output row, where the final
 // output is written (after the split-KV merge for a split row), never into a partial state.
-template <int V>
-__device__ __forceinline__ void add_sink(float sink, float& m, float& den, float* acc) {
+// The same for a row whose values the caller scales itself: returns the factor for them.
+__device__ __forceinline__ float sink_fold(float sink, float& m, float& den) {
   const float m_new = fmaxf(m, sink);
   const float f = fast_exp2(m - m_new);  // m = -inf (no key seen) -> 0
-#pragma unroll
-  for (int i = 0; i < V; ++i) acc[i] *= f;
   den = den * f + fast_exp2(sink - m_new);
   m = m_new;
+  return f;
+}
+template <int V>
+__device__ __forceinline__ void add_sink(float sink, float& m, float& den, float* acc) {
+  const float f = sink_fold(sink, m, den);
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] *= f;
 }

@@ -56,6 +56,10 @@ pub struct PrefillArgs {
     /// or off (tuning).
     #[arg(long, default_value = "auto")]
     pub ws: String,
+    /// Persistent blocks (with the producer warpgroup; never for split plans): auto, on or off
+    /// (tuning).
+    #[arg(long, default_value = "auto")]
+    pub persistent: String,
     /// Print one JSON line instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -222,6 +226,12 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
         "on" => Some(true),
         "off" => Some(false),
         w => return Err(format!("--ws `{w}`: expected auto, on or off")),
+    });
+    op.set_persistent(match a.persistent.as_str() {
+        "auto" => None,
+        "on" => Some(true),
+        "off" => Some(false),
+        w => return Err(format!("--persistent `{w}`: expected auto, on or off")),
     });
     if !variant.is_plain() {
         op.set_variant(&variant.variant()).map_err(err)?;

@@ -163,6 +163,8 @@ pub struct BatchPrefill {
     l2_lookahead: bool,
     /// Warp specialisation on (`Some(true)`), off, or the tiles' own choice (`None`).
     warp_specialize: Option<bool>,
+    /// Persistent blocks on, off, or the tiles' own choice (`None`).
+    persistent: Option<bool>,
     /// Batch-invariant mode's fixed split size.
     fixed_kv_chunk: Option<usize>,
     /// CUDA-graph mode: what is fixed at construction (prefill/graph.rs).
@@ -213,6 +215,7 @@ impl BatchPrefill {
             forced_tiles: None,
             l2_lookahead: false,
             warp_specialize: None,
+            persistent: None,
             fixed_kv_chunk: None,
             graph: None,
             variant: VariantState::default(),
@@ -273,6 +276,13 @@ impl BatchPrefill {
     /// RoPE, user query/key transforms) it stays off. Takes effect at the next `plan()`.
     pub fn set_warp_specialization(&mut self, on: Option<bool>) {
         self.warp_specialize = on;
+    }
+
+    /// Turns persistent blocks (see [`PrefillTiles::persistent`]) on or off, or leaves them to
+    /// the tile choice (`None`). They need the producer warpgroup, and a plan that splits KV or
+    /// a CUDA-graph op never takes them. Takes effect at the next `plan()`.
+    pub fn set_persistent(&mut self, on: Option<bool>) {
+        self.persistent = on;
     }
 
     /// Batch-invariant mode: every later plan uses `tiles` and splits every tile's keys into
@@ -455,12 +465,14 @@ impl BatchPrefill {
         match (on, fixed) {
             (true, _) => PrefillTiles {
                 warp_specialized: true,
+                persistent: self.graph.is_none() && self.persistent.unwrap_or(t.persistent),
                 ..t
             },
             // Fixed tiles keep their shape; chosen ones fall back to the best shape without a
             // producer warpgroup.
             (false, Some(_)) => PrefillTiles {
                 warp_specialized: false,
+                persistent: false,
                 ..t
             },
             (false, None) => t.without_producer(),
@@ -599,7 +611,14 @@ impl BatchPrefill {
                 mask_offset: mask.map_or(0, |m| m.mask_indptr()[i] as usize),
             })
             .collect();
-        let shape = self.plan_shape(&tiles);
+        // The planner sees the non-persistent block (its split merge bounds the pieces); a plan
+        // that splits runs it.
+        // (A graph op plans with the shape it was sized for: turning the producer off, e.g. for
+        // RoPE, changes the blocks per SM but not its fixed grid.)
+        let shape = self.plan_shape(&PrefillTiles {
+            persistent: false,
+            ..self.graph.map_or(tiles, |g| g.tiles)
+        });
         if let Some(chunk) = self.fixed_kv_chunk {
             let longest = kv_lens.iter().copied().max().unwrap_or(0);
             ensure(
@@ -615,6 +634,10 @@ impl BatchPrefill {
             )?;
         }
         let s = plan_prefill(&requests, &shape);
+        let tiles = PrefillTiles {
+            persistent: tiles.persistent && s.num_partial == 0,
+            ..tiles
+        };
         ensure(
             s.work.len() * h.num_kv_heads < i32::MAX as usize,
             "qo_indptr",
@@ -886,8 +909,16 @@ impl BatchPrefill {
             .kernels
             .get(&tiles)
             .ok_or_else(|| invalid("self", "the planned kernel is not loaded"))?;
+        // Persistent blocks: one wave of them walks all (item, head) pairs.
+        let blocks = num_work * h.num_kv_heads;
+        let blocks = if tiles.persistent {
+            let info = self.dev.info();
+            blocks.min(info.sm_count * tiles.ctas_per_sm(info.smem_per_sm))
+        } else {
+            blocks
+        };
         let launch_cfg = LaunchConfig {
-            grid: ((num_work * h.num_kv_heads) as u32, 1, 1),
+            grid: (blocks as u32, 1, 1),
             block: (tiles.threads() as u32, 1, 1),
             smem_bytes: tiles.smem_bytes() as u32,
         };

@@ -87,6 +87,11 @@ pub struct PrefillTiles {
     /// (kernels/pipeline.cuh). Not with RoPE or user query/key transforms, which rewrite each
     /// tile with every thread (see [`PrefillTiles::can_specialise_warps`]).
     pub warp_specialized: bool,
+    /// Persistent blocks (with the producer warpgroup): one block per SM walks the work items; the
+    /// producer loads the next item's Q tile (two Q buffers) and K/V while the consumers finish
+    /// this one, whose output they write from registers. Never for a plan with split KV (the op
+    /// turns it off there).
+    pub persistent: bool,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -190,6 +195,7 @@ impl PrefillTiles {
             l2_lookahead: false,
             user: 0,
             warp_specialized: false,
+            persistent: false,
         }
     }
 
@@ -234,6 +240,7 @@ impl PrefillTiles {
             l2_lookahead: false,
             user: 0,
             warp_specialized: false,
+            persistent: false,
         }
     }
 
@@ -275,6 +282,9 @@ impl PrefillTiles {
         let loaders = self.consumer_threads();
         if loaders < chunks || self.kv_tile.div_ceil(loaders / chunks) > chunks {
             return bad("too few threads to load a key tile (one lane resolves each pass)".into());
+        }
+        if self.persistent && !self.warp_specialized {
+            return bad("persistent blocks need the producer warpgroup".into());
         }
         if self.warp_specialized && !self.wgmma {
             return bad("warp specialisation needs the wgmma backend".into());
@@ -318,6 +328,7 @@ impl PrefillTiles {
         let kv_tile = if self.warps_q == 12 { 64 } else { self.kv_tile };
         Self {
             warp_specialized: false,
+            persistent: false,
             kv_tile,
             nstage: 2,
             ..self
@@ -340,9 +351,16 @@ impl PrefillTiles {
     /// The bytes the kernel uses after aligning its base.
     fn smem_used(&self) -> usize {
         let e = self.kv_dtype.size_bytes();
-        let main =
-            self.cta_q() * self.head_dim * e + self.nstage * 2 * self.kv_tile * self.head_dim * e;
-        let epilogue = self.warps_kv * self.cta_q() * ((self.head_dim + 8) + 2) * 4;
+        let q_buffers = if self.persistent { 2 } else { 1 };
+        let main = q_buffers * self.cta_q() * self.head_dim * e
+            + self.nstage * 2 * self.kv_tile * self.head_dim * e;
+        // The f32 states of the epilogue reuse the tiles' bytes (persistent blocks write from
+        // registers instead).
+        let epilogue = if self.persistent {
+            0
+        } else {
+            self.warps_kv * self.cta_q() * ((self.head_dim + 8) + 2) * 4
+        };
         main.max(epilogue)
     }
 
@@ -364,7 +382,8 @@ impl PrefillTiles {
     /// Blocks of this kind one SM holds (shared memory, threads and registers; 1 KB reserved per
     /// block by the driver).
     pub fn ctas_per_sm(&self, smem_per_sm: usize) -> usize {
-        let by_smem = smem_per_sm / (self.smem_bytes() + 1024);
+        // (+ 256: the kernel's static shared memory: barriers, flags.)
+        let by_smem = smem_per_sm / (self.smem_bytes() + 1024 + 256);
         let by_threads = 2048 / self.threads();
         let by_regs = 65536 / (self.threads() * self.regs_per_thread().div_ceil(8) * 8);
         by_smem.min(by_threads).min(by_regs).max(1)
@@ -378,7 +397,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -393,6 +412,7 @@ impl PrefillTiles {
             self.nstage,
             if self.l2_lookahead { "_la" } else { "" },
             if self.warp_specialized { "_ws" } else { "" },
+            if self.persistent { "_p" } else { "" },
             self.variant.key_suffix()
         )
     }
@@ -405,7 +425,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -426,6 +446,7 @@ impl PrefillTiles {
             var = self.variant.defines(),
             la = u32::from(self.l2_lookahead),
             ws = u32::from(self.warp_specialized),
+            pe = u32::from(self.persistent),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -457,12 +478,21 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     v.push(PrefillTiles::mma_sync(d, g, dt, dt, paged, mask, packed).spec());
                 }
                 if d <= 128 {
-                    // The shapes `wgmma_shape` chooses from, with and without a producer warp.
-                    for (wg, kt) in [(1, 64), (2, 64), (2, 128), (3, 64)] {
+                    // Without a producer: the session-3 shapes (and what variants that cannot
+                    // have one run). With it: the shapes `wgmma_shape` chooses, and the
+                    // persistent blocks of the prompt shapes.
+                    for (wg, kt) in [(1, 64), (2, 128), (3, 64)] {
+                        v.push(PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt).spec());
+                    }
+                    for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3), (3, 128, 2)] {
                         let mut t = PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt);
-                        v.push(t.spec());
                         t.warp_specialized = true;
+                        t.nstage = ns;
                         v.push(t.spec());
+                        if wg == 3 {
+                            t.persistent = true;
+                            v.push(t.spec());
+                        }
                     }
                 }
             }
@@ -480,6 +510,14 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, 64),
         ] {
             t.variant = flags;
+            v.push(t.spec());
+        }
+        // The producer-warpgroup prompt shape, persistent, with every variant it can take.
+        let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, 128);
+        t.warp_specialized = true;
+        t.persistent = true;
+        t.variant = flags;
+        if t.can_specialise_warps() {
             v.push(t.spec());
         }
     }
