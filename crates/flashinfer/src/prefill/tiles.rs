@@ -16,10 +16,15 @@
 //! an SM.
 //!
 //! On Hopper (sm_90a), more than 16 packed rows at head_dim 64 and 128 take the wgmma backend
-//! instead: blocks of one, two or three warpgroups of 64 rows ([`wgmma_shape`]: the least
-//! padded time; prompts take three: CTA_Q 192, 384 threads, one block per SM with up to 168
-//! registers per thread), 64 keys per stage (128 for two warpgroups). The measurements behind
-//! these choices are in docs/perf-notes.md.
+//! instead, with a producer warpgroup that copies K/V for the computing ones
+//! ([`PrefillTiles::warp_specialized`]): blocks of one, two or three computing warpgroups of 64
+//! rows ([`wgmma_shape`]: the least padded time). Prompts take three (CTA_Q 192, 512 threads with
+//! the producer, one block per SM, 160 registers per computing thread after `setmaxnreg`), with
+//! three 64-key stages, or two 128-key stages from [`LONG_PACKED_ROWS`] packed rows per request;
+//! two warpgroups take 128-key stages, one warpgroup 64 (two blocks per SM). Variants that cannot
+//! have a producer (RoPE, user query/key transforms) take [`PrefillTiles::without_producer`].
+//! Persistent blocks ([`PrefillTiles::persistent`]) are opt-in. The measurements behind these
+//! choices are in docs/perf-notes.md.
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
