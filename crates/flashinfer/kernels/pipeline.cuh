@@ -47,6 +47,11 @@ template <int THREADS>
 __device__ __forceinline__ void named_barrier_sync(int id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
 }
+// Counts this thread at barrier `id` without waiting (the waiting side uses named_barrier_sync).
+template <int THREADS>
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(THREADS) : "memory");
+}
 
 // Moves registers between the warpgroups of a block (sm_90): every thread of a warpgroup runs it.
 template <int REGS>

@@ -58,6 +58,12 @@
 #ifndef PREFILL_PERSISTENT
 #define PREFILL_PERSISTENT 0
 #endif
+// Debug aid for compute-sanitizer's racecheck, which does not see the ordering that the Q
+// buffers' mbarriers give (cp.async with mbarrier arrivals, from NVRTC 13.0 code): the same
+// orderings again as named barriers, which it does see (ids 12..15). Slower; never in production.
+#ifndef PREFILL_RACECHECK_SHADOW
+#define PREFILL_RACECHECK_SHADOW 0
+#endif
 #if PREFILL_WS
 #include "pipeline.cuh"
 #endif
@@ -527,8 +533,17 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       const PrefillWork w = p.work[item];
       const ItemExtent x = item_extent(w);
       // The Q buffer of item it - 2 is free once its consumers wrote their output through it.
-      if (it >= 2) mbar_wait(&q_empty[it & 1], ((it >> 1) - 1) & 1);
+      if (it >= 2) {
+        mbar_wait(&q_empty[it & 1], ((it >> 1) - 1) & 1);
+#if PREFILL_RACECHECK_SHADOW
+        named_barrier_sync<LAUNCH_THREADS>(12 + (it & 1));  // the consumers' item it - 2 is done
+#endif
+      }
       produce_q(p, w, kv_head, x.valid_rows, q_smem + (it & 1) * CTA_Q * HEAD_DIM, &q_full[it & 1]);
+#if PREFILL_RACECHECK_SHADOW
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      named_barrier_arrive<LAUNCH_THREADS>(14 + (it & 1));  // this item's Q tile has landed
+#endif
       produce_kv(p, w, kv_head, x.kv_stop, x.num_tiles, k_smem, v_smem, full_bar, empty_bar, seq);
       seq += x.num_tiles;
     }
@@ -575,6 +590,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #if PREFILL_PERSISTENT
   // The producer copied this item's Q tile.
   mbar_wait(&q_full[it & 1], (it >> 1) & 1);
+#if PREFILL_RACECHECK_SHADOW
+  named_barrier_sync<LAUNCH_THREADS>(14 + (it & 1));
+#endif
   fence_proxy_async();
 #else
   // Q tile -> shared memory (rows past the request are zero).
@@ -1043,6 +1061,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       }
     }
     named_barrier_sync<128>(2 + wg);  // every read of the Q buffer done before it is released
+#if PREFILL_RACECHECK_SHADOW
+    if (b + 2 * (int)gridDim.x < num_blocks_work) named_barrier_arrive<LAUNCH_THREADS>(12 + (it & 1));
+#endif
     if (lane == 0) mbar_arrive(&q_empty[it & 1]);
   }
   kv_seq += num_tiles;

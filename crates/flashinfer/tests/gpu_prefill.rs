@@ -696,6 +696,8 @@ fn gpu_prefill_producer_sanitizer_cases() {
 /// request among them. Passes, and memcheck is clean; racecheck reports hazards between the
 /// producer's Q copies and the epilogue's stores into the Q buffer, which the q_empty mbarrier
 /// orders (not resolved yet; docs/perf-notes.md), so this case is kept out of the sanitizer run.
+/// To check the report: `FLASHINFER_RACECHECK_SHADOW=1 compute-sanitizer --tool racecheck ...
+/// persistent_cases` (the same orderings repeated as named barriers, which racecheck sees).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_prefill_persistent_cases() {

@@ -430,7 +430,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -452,6 +452,9 @@ impl PrefillTiles {
             la = u32::from(self.l2_lookahead),
             ws = u32::from(self.warp_specialized),
             pe = u32::from(self.persistent),
+            // A debug aid for compute-sanitizer's racecheck (kernels/prefill.cuh): it changes the
+            // source, so such kernels have their own cache entries.
+            rs = u32::from(self.persistent && racecheck_shadow()),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -465,6 +468,13 @@ impl PrefillTiles {
             spec
         }
     }
+}
+
+/// `FLASHINFER_RACECHECK_SHADOW=1`: persistent kernels repeat their mbarrier orderings as named
+/// barriers, which compute-sanitizer's racecheck understands (for proving its reports on them
+/// false or true; slower).
+fn racecheck_shadow() -> bool {
+    std::env::var("FLASHINFER_RACECHECK_SHADOW").is_ok_and(|v| v == "1")
 }
 
 /// Every prefill specialisation the compile-only tier checks: both dtypes, the three head dims,
