@@ -468,6 +468,17 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
   }
 }
 
+// Thread 0 initialises `n` pairs of "full" (the producer's 128 threads arrive) and "empty" (every
+// consumer warp arrives) barriers; the block barrier that follows publishes them.
+__device__ __forceinline__ void init_barriers(u64* full, u64* empty, int n) {
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < n; ++i) {
+    mbar_init(&full[i], PRODUCER_THREADS);
+    mbar_init(&empty[i], NUM_WARPS);
+  }
+  mbar_init_fence();
+}
+
 #if PREFILL_PERSISTENT
 // The producer's Q copy of a persistent block: the item's tile of packed rows (zero past the
 // request) into a Q buffer; the hardware arrives on `q_full` when each lane's copies landed.
@@ -511,19 +522,8 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   // start them; the producer walks the same sequence.
   const int num_blocks_work = *p.num_work * p.num_kv_heads;
   __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE], q_full[2], q_empty[2];
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NSTAGE; ++s) {
-      mbar_init(&full_bar[s], PRODUCER_THREADS);
-      mbar_init(&empty_bar[s], NUM_WARPS);
-    }
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      mbar_init(&q_full[b], PRODUCER_THREADS);
-      mbar_init(&q_empty[b], NUM_WARPS);
-    }
-    mbar_init_fence();
-  }
+  init_barriers(full_bar, empty_bar, NSTAGE);
+  init_barriers(q_full, q_empty, 2);
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
   if (warp >= NUM_WARPS) {
     producer_regs();
@@ -570,14 +570,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 
 #if PREFILL_WS && !PREFILL_PERSISTENT
   __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE];
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NSTAGE; ++s) {
-      mbar_init(&full_bar[s], PRODUCER_THREADS);
-      mbar_init(&empty_bar[s], NUM_WARPS);
-    }
-    mbar_init_fence();
-  }
+  init_barriers(full_bar, empty_bar, NSTAGE);
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
   if (warp >= NUM_WARPS) {
     producer_regs();

@@ -645,6 +645,23 @@ fn gpu_prefill_sanitizer_cases() {
     run_case::<half::bf16>(&c, &mut rng);
 }
 
+/// bf16 wgmma tiles with the producer warpgroup: `wg` warpgroups, `kt` keys per stage, `ns` stages.
+#[allow(clippy::too_many_arguments)]
+fn ws(
+    d: usize,
+    g: usize,
+    paged: bool,
+    mask: PrefillMask,
+    wg: usize,
+    kt: usize,
+    ns: usize,
+) -> Option<PrefillTiles> {
+    let mut t = PrefillTiles::wgmma(d, g, DType::BF16, paged, mask, wg, kt);
+    t.warp_specialized = true;
+    t.nstage = ns;
+    Some(t)
+}
+
 /// The producer-warpgroup (warp-specialised) wgmma kernel in each block shape it runs in, on small
 /// cases (one tile shape each, no sweep) that compute-sanitizer's racecheck finishes quickly: the
 /// mbarrier pipeline, the consumers-only barriers of the epilogue, a split merge, a custom mask
@@ -657,12 +674,6 @@ fn gpu_prefill_producer_sanitizer_cases() {
         return;
     }
     let mut rng = Rng::fresh("prefill_producer_sanitizer");
-    let ws = |d, g, paged, mask, wg, kt, ns| {
-        let mut t = PrefillTiles::wgmma(d, g, DType::BF16, paged, mask, wg, kt);
-        t.warp_specialized = true;
-        t.nstage = ns;
-        Some(t)
-    };
     for (wg, kt, ns) in [(3, 128, 2), (3, 64, 3), (2, 128, 2), (1, 64, 2)] {
         let mut c = case(
             vec![100, 0, 30],
@@ -706,12 +717,6 @@ fn gpu_prefill_persistent_cases() {
         return;
     }
     let mut rng = Rng::fresh("prefill_persistent");
-    let ws = |d, g, paged, mask, wg, kt, ns| {
-        let mut t = PrefillTiles::wgmma(d, g, DType::BF16, paged, mask, wg, kt);
-        t.warp_specialized = true;
-        t.nstage = ns;
-        Some(t)
-    };
     // Persistent blocks: more (item, head) pairs than one wave of blocks, so every block walks
     // several items and both Q buffers turn over; an empty request among them.
     let persistent = |t: Option<PrefillTiles>| {
