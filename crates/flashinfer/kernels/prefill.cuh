@@ -563,6 +563,8 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     DTypeQ* const q_tile = q_smem;
     const int kv_seq = 0;
 #endif
+  // One work item for one KV head, from here to the end of the kernel (the body of the persistent
+  // item loop, or the scope of a non-persistent block; not indented, to keep one text for both).
   const PrefillWork w = p.work[item];
   const ItemExtent extent = item_extent(w);
   const int valid_rows = extent.valid_rows, diag = extent.diag, kv_stop = extent.kv_stop;
@@ -1060,7 +1062,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     if (lane == 0) mbar_arrive(&q_empty[it & 1]);
   }
   kv_seq += num_tiles;
-  }
+  }  // the persistent item loop
 #else
 #if !PREFILL_WS
   cp_async_wait<0>();
@@ -1130,6 +1132,6 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     consumers_sync();  // the state area is reused by the merge
     merge_tile_pieces(p, w, kv_head, valid_rows, reinterpret_cast<float*>(smem_raw));
   }
-  }
+  }  // the block's work item
 #endif
 }
