@@ -536,6 +536,18 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             v.push(t.spec());
         }
     }
+    // The cascade's shared levels: the L2 look-ahead, on the shapes they choose (paged, no mask),
+    // with and without the producer warpgroup (RoPE turns it off).
+    for dt in [DType::F16, DType::BF16] {
+        for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3)] {
+            let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::None, wg, kt);
+            t.l2_lookahead = true;
+            v.push(t.without_producer().spec());
+            t.warp_specialized = true;
+            t.nstage = ns;
+            v.push(t.spec());
+        }
+    }
     // Different packed lengths can choose the same tiles: one spec per name.
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v.dedup_by(|a, b| a.name == b.name);
