@@ -345,6 +345,17 @@ __device__ __forceinline__ long long kv_row_offset(const PrefillParams& p, const
   }
 }
 
+// The L2 look-ahead (PREFILL_L2_LOOKAHEAD): asks L2 for the K and V lines of the key row at
+// `row_off` (kv_row_offset) of `kv_head`, a tile before its copy.
+__device__ __forceinline__ void prefetch_kv_row(const PrefillParams& p, long long row_off, int kv_head) {
+  const long long base = row_off + (long long)kv_head * p.head_stride;
+#pragma unroll
+  for (int line = 0; line < HEAD_DIM * (int)sizeof(DTypeKV) / 128; ++line) {
+    prefetch_l2(p.k + base + line * (128 / (int)sizeof(DTypeKV)));
+    prefetch_l2(p.v + base + line * (128 / (int)sizeof(DTypeKV)));
+  }
+}
+
 // Writes the final output (VEC elements of packed row `row`) and, once per row, its LSE.
 template <int VEC>
 __device__ __forceinline__ void write_out(const PrefillParams& p, const PrefillWork& w, int kv_head, int row,
@@ -455,14 +466,7 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
     if (tile + 1 < num_tiles) {
       resolve(tile + 1);
 #if PREFILL_L2_LOOKAHEAD
-      if (off >= 0) {
-        const long long base = off + (long long)kv_head * p.head_stride;
-#pragma unroll
-        for (int line = 0; line < HEAD_DIM * (int)sizeof(DTypeKV) / 128; ++line) {
-          prefetch_l2(p.k + base + line * (128 / (int)sizeof(DTypeKV)));
-          prefetch_l2(p.v + base + line * (128 / (int)sizeof(DTypeKV)));
-        }
-      }
+      if (off >= 0) prefetch_kv_row(p, off, kv_head);
 #endif
     }
   }
@@ -623,17 +627,6 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     const int key = w.kv_begin + tile * KV_TILE + r;
     if (ld_chunk < KV_PASSES && r < KV_TILE && key < kv_stop) my_off = kv_row_offset(p, w, key);
   };
-  // The rows just resolved are copied one tile later; start bringing them into L2 now (each row is
-  // resolved by one lane, which prefetches its K and V lines), so that tile's copies hit in L2.
-  auto prefetch_resolved = [&]() {
-    if (my_off < 0) return;
-    const long long base = my_off + (long long)kv_head * p.head_stride;
-#pragma unroll
-    for (int line = 0; line < HEAD_DIM * (int)sizeof(DTypeKV) / 128; ++line) {
-      prefetch_l2(p.k + base + line * (128 / (int)sizeof(DTypeKV)));
-      prefetch_l2(p.v + base + line * (128 / (int)sizeof(DTypeKV)));
-    }
-  };
   auto issue_tile = [&](int stage) {
 #pragma unroll
     for (int s = 0; s < KV_PASSES; ++s) {
@@ -734,7 +727,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         issue_tile(next % NSTAGE);
         resolve_rows(next + 1);
 #if PREFILL_L2_LOOKAHEAD
-        prefetch_resolved();
+        // The rows just resolved are copied one tile later; the lane that resolved each row
+        // starts bringing its K and V lines into L2 now, so that tile's copies hit in L2.
+        if (my_off >= 0) prefetch_kv_row(p, my_off, kv_head);
 #endif
       }
       cp_async_commit();
