@@ -187,12 +187,7 @@ impl PagedKvAppend {
         let p = self
             .planned
             .ok_or_else(|| invalid("self", "run() called before a successful plan()"))?;
-        ensure(*desc == p.desc, "desc", || {
-            format!(
-                "{desc:?} differs from the description given to plan(), {:?}",
-                p.desc
-            )
-        })?;
+        desc.ensure_planned_for(&p.desc)?;
         Ok(p)
     }
 

@@ -205,12 +205,7 @@ impl RopeApply {
         let p = self
             .planned
             .ok_or_else(|| invalid("self", "run() called before a successful plan()"))?;
-        ensure(*desc == p.desc, "desc", || {
-            format!(
-                "{desc:?} differs from the description given to plan(), {:?}",
-                p.desc
-            )
-        })?;
+        desc.ensure_planned_for(&p.desc)?;
         ensure(T::DTYPE == self.dtype, "dst", || {
             format!("is {}, the op was made for {}", T::DTYPE, self.dtype)
         })?;

@@ -54,6 +54,14 @@ pub struct PagedKvDesc {
 }
 
 impl PagedKvDesc {
+    /// For ops that plan against a description and run against one: the two must be the same
+    /// (the plan's offsets and bounds were computed for it).
+    pub(crate) fn ensure_planned_for(&self, planned: &PagedKvDesc) -> Result<()> {
+        ensure(self == planned, "desc", || {
+            format!("{self:?} differs from the description given to plan(), {planned:?}")
+        })
+    }
+
     /// Separate K and V tensors, densely packed.
     pub fn new(
         layout: KvLayout,
