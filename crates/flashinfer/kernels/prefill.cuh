@@ -1018,7 +1018,6 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     const int wg = warp / 4, wg_tid = tid % 128;
     // The output goes where the Q tile was, in the same layout (tile_offset: 128-byte rows with
     // XOR-swizzled chunks, so the fragment stores of a warp's eight row groups hit distinct banks).
-    auto out_offset = [](int r, int c) { return tile_offset<CTA_Q>(r, c); };
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float den = d[0][h];
@@ -1038,7 +1037,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #pragma unroll
       for (int n = 0; n < HEAD_DIM / 8; ++n) {
         const u32 v = pack2<DTypeO>(o[0][n][2 * h] * inv, o[0][n][2 * h + 1] * inv);
-        *reinterpret_cast<u32*>(q_tile + out_offset(r, n) + 2 * t) = v;
+        *reinterpret_cast<u32*>(q_tile + tile_offset<CTA_Q>(r, n) + 2 * t) = v;
       }
     }
     named_barrier_sync<128>(2 + wg);
@@ -1046,7 +1045,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       const int r = wg * 64 + i / CHUNKS, c = i % CHUNKS;
       if (r < valid_rows) {
         float v[8];
-        load_vec_f32<DTypeO, 8>(q_tile + out_offset(r, c), v);
+        load_vec_f32<DTypeO, 8>(q_tile + tile_offset<CTA_Q>(r, c), v);
         write_out<8>(p, w, kv_head, w.row_begin + r, c * 8, v, 0.f, false);
       }
     }
