@@ -1,13 +1,19 @@
 //! `flashinfer bench plan`: how long planning a step takes on the host. The schedulers alone
-//! (pure functions of the request lengths) run anywhere; with a GPU the ops' whole `plan()` is
-//! timed too (scheduler, workspace layout and the one host-to-device copy).
+//! (pure functions of the request lengths; each also as its op calls it, reusing the previous
+//! plan's buffers) run anywhere; with a GPU the ops' whole `plan()` is timed too
+//! (scheduler, workspace layout and the one host-to-device copy).
 
 use std::time::Instant;
 
 use flashinfer::cuda::Device;
-use flashinfer::decode::{plan_decode, BatchDecode, DecodeConfig};
+use flashinfer::decode::{
+    decode_chunk, plan_decode, schedule_decode_into, BatchDecode, DecodeConfig, DecodeSchedule,
+    DecodeScratch, SplitPolicy,
+};
 use flashinfer::layout::{HeadConfig, PageTable, Ragged};
-use flashinfer::plan::prefill::{plan_prefill, PrefillRequest, PrefillShape};
+use flashinfer::plan::prefill::{
+    plan_prefill, plan_prefill_into, PrefillRequest, PrefillSchedule, PrefillScratch, PrefillShape,
+};
 use flashinfer::prefill::{BatchPrefill, PrefillConfig, PrefillKv, PrefillMask};
 use flashinfer::random::SplitMix64;
 use flashinfer::{AttentionParams, DType};
@@ -54,6 +60,15 @@ pub fn run(a: PlanArgs) -> Result<(), String> {
         Ok(())
     })?;
     println!("  decode scheduler (plan_decode)            {t:>8.2} us");
+    // As BatchDecode::plan calls it: into the buffers of the previous plan.
+    let (mut scratch, mut s) = (DecodeScratch::default(), DecodeSchedule::default());
+    let t = median_us(a.reps, || {
+        let chunk = decode_chunk(&lens, 8, 264, 6144, true, &SplitPolicy::default());
+        schedule_decode_into(&lens, begin, chunk, &mut scratch, &mut s);
+        std::hint::black_box(&s);
+        Ok(())
+    })?;
+    println!("    reusing buffers (schedule_decode_into)  {t:>8.2} us");
     let reqs: Vec<PrefillRequest> = lens
         .iter()
         .enumerate()
@@ -80,6 +95,14 @@ pub fn run(a: PlanArgs) -> Result<(), String> {
         Ok(())
     })?;
     println!("  prefill scheduler (plan_prefill, appends) {t:>8.2} us");
+    // As BatchPrefill::plan calls it: into the buffers of the previous plan.
+    let (mut scratch, mut s) = (PrefillScratch::default(), PrefillSchedule::default());
+    let t = median_us(a.reps, || {
+        plan_prefill_into(&reqs, &shape, &mut scratch, &mut s);
+        std::hint::black_box(&s);
+        Ok(())
+    })?;
+    println!("    reusing buffers (plan_prefill_into)     {t:>8.2} us");
 
     if Device::count() == 0 {
         println!("  (no GPU: the ops' plan(), with its host-to-device copy, was not timed)");

@@ -14,8 +14,9 @@ mod variant;
 pub(crate) use fastdiv::fast_div_params;
 
 pub use crate::plan::decode::{
-    max_work_items, plan_decode, plan_decode_fixed_chunk, plan_decode_with, DecodeSchedule,
-    DecodeWork, Dispatch, SplitModel, SplitPolicy, CHUNK_ALIGN, MIN_CHUNK,
+    decode_chunk, fixed_decode_chunk, max_work_items, plan_decode, plan_decode_fixed_chunk,
+    plan_decode_with, schedule_decode_into, DecodeSchedule, DecodeScratch, DecodeWork, Dispatch,
+    SplitModel, SplitPolicy, CHUNK_ALIGN, MIN_CHUNK,
 };
 pub(crate) use tiles::specs;
 pub use tiles::{DecodePath, DecodeTiles, HEAD_DIMS, TENSOR_CORE_MIN_GROUP};
@@ -122,6 +123,11 @@ pub struct BatchDecode {
     decode_fn: KernelFunction,
     workspace: Workspace,
     schedule: DecodeSchedule,
+    /// `plan()`'s buffers, kept across steps so that planning allocates nothing once they have
+    /// grown: the planner's scratch, and the schedule of the next plan, swapped with `schedule`
+    /// once that plan has succeeded (a failed plan leaves the current one whole).
+    plan_scratch: DecodeScratch,
+    next_schedule: DecodeSchedule,
     layout: PlanLayout,
     batch_size: usize,
     page_size: usize,
@@ -198,6 +204,8 @@ impl BatchDecode {
             decode_fn,
             workspace,
             schedule: DecodeSchedule::default(),
+            plan_scratch: DecodeScratch::default(),
+            next_schedule: DecodeSchedule::default(),
             layout: PlanLayout::default(),
             batch_size: 0,
             page_size: 0,
@@ -329,7 +337,7 @@ impl BatchDecode {
         let wave = self.wave();
         let page_begin = &table.kv_indptr()[..table.batch_size()];
         let max_pieces = self.tiles.smem_bytes() / (4 * self.cfg.heads.group_size());
-        let mut s = match self.fixed_chunk {
+        let chunk = match self.fixed_chunk {
             Some(chunk) => {
                 let longest = planned_lens.iter().copied().max().unwrap_or(0);
                 ensure(longest.div_ceil(chunk) <= max_pieces, "chunk", || {
@@ -338,11 +346,10 @@ impl BatchDecode {
                          pieces one merge holds"
                     )
                 })?;
-                plan_decode_fixed_chunk(&planned_lens, page_begin, chunk)
+                fixed_decode_chunk(&planned_lens, chunk)
             }
-            None => plan_decode_with(
+            None => decode_chunk(
                 &planned_lens,
-                page_begin,
                 self.cfg.heads.num_kv_heads,
                 wave,
                 max_pieces,
@@ -350,6 +357,14 @@ impl BatchDecode {
                 &self.split,
             ),
         };
+        let mut s = std::mem::take(&mut self.next_schedule);
+        schedule_decode_into(
+            &planned_lens,
+            page_begin,
+            chunk,
+            &mut self.plan_scratch,
+            &mut s,
+        );
         if let Some(starts) = &window_starts {
             // Key positions (and pages) stay those of the request: an item's keys are
             // kv_start.. from the request's first page.
@@ -409,7 +424,7 @@ impl BatchDecode {
             .upload_requests(self.dev.stream(), &kv_lens, capacity)?;
         // The item count, the work list and the zeroed counters, in one transfer.
         self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
-        self.schedule = s;
+        self.next_schedule = std::mem::replace(&mut self.schedule, s);
         self.layout = l;
         self.batch_size = table.batch_size();
         self.page_size = table.page_size();

@@ -9,6 +9,8 @@
 
 mod split;
 
+use super::order::LongestFirst;
+
 pub use split::{estimate_makespan, Dispatch, SplitEstimate, SplitModel, SplitPolicy, MAX_WAVES};
 
 /// One unit of decode work, laid out exactly as `DecodeWork` in kernels/decode.cuh.
@@ -102,6 +104,19 @@ pub fn plan_decode_with(
     allow_split: bool,
     policy: &SplitPolicy,
 ) -> DecodeSchedule {
+    let chunk = decode_chunk(kv_lens, num_kv_heads, wave, max_pieces, allow_split, policy);
+    schedule_decode(kv_lens, page_begin, chunk)
+}
+
+/// The chunk [`plan_decode_with`] splits requests into (`None`: none is split).
+pub fn decode_chunk(
+    kv_lens: &[usize],
+    num_kv_heads: usize,
+    wave: usize,
+    max_pieces: usize,
+    allow_split: bool,
+    policy: &SplitPolicy,
+) -> Option<usize> {
     let items_wanted = (wave / num_kv_heads.max(1)).max(1);
     let max_len = kv_lens.iter().copied().max().unwrap_or(0);
     let count = |chunk: usize| {
@@ -159,7 +174,7 @@ pub fn plan_decode_with(
             ),
         };
     }
-    schedule_with_chunk(kv_lens, page_begin, chunk)
+    chunk
 }
 
 /// Batch-invariant planning: every request longer than `chunk` tokens is split into chunks of
@@ -170,48 +185,83 @@ pub fn plan_decode_fixed_chunk(
     page_begin: &[i32],
     chunk: usize,
 ) -> DecodeSchedule {
-    let max_len = kv_lens.iter().copied().max().unwrap_or(0);
-    schedule_with_chunk(kv_lens, page_begin, (chunk < max_len).then_some(chunk))
+    schedule_decode(kv_lens, page_begin, fixed_decode_chunk(kv_lens, chunk))
 }
 
-/// The work items for a chosen chunk size (`None`: one item per request), longest first.
-fn schedule_with_chunk(
+/// The chunk [`plan_decode_fixed_chunk`] splits requests into: `chunk`, unless no request is
+/// longer.
+pub fn fixed_decode_chunk(kv_lens: &[usize], chunk: usize) -> Option<usize> {
+    let max_len = kv_lens.iter().copied().max().unwrap_or(0);
+    (chunk < max_len).then_some(chunk)
+}
+
+/// [`schedule_decode_into`] into new buffers.
+fn schedule_decode(kv_lens: &[usize], page_begin: &[i32], chunk: Option<usize>) -> DecodeSchedule {
+    let mut s = DecodeSchedule::default();
+    schedule_decode_into(
+        kv_lens,
+        page_begin,
+        chunk,
+        &mut DecodeScratch::default(),
+        &mut s,
+    );
+    s
+}
+
+/// Buffers of [`schedule_decode_into`] besides the schedule, kept by the op across plans.
+#[derive(Clone, Debug, Default)]
+pub struct DecodeScratch {
+    order: LongestFirst<DecodeWork>,
+}
+
+/// The work items for a chosen chunk size ([`decode_chunk`]'s or [`fixed_decode_chunk`]'s;
+/// `None`: one item per request), longest first, into `s`. It reuses the buffers of `s` and
+/// `scratch` (an op keeps both across plans), so a plan allocates nothing once they have grown:
+/// fresh lists of thousands of items can cost more in page faults than filling them.
+pub fn schedule_decode_into(
     kv_lens: &[usize],
     page_begin: &[i32],
     chunk: Option<usize>,
-) -> DecodeSchedule {
-    let mut s = DecodeSchedule {
-        chunk_size: chunk,
-        ..Default::default()
-    };
+    scratch: &mut DecodeScratch,
+    s: &mut DecodeSchedule,
+) {
+    s.work.clear();
+    s.chunk_size = chunk;
+    s.num_partial = 0;
+    s.work.reserve(kv_lens.len());
     for (r, &len) in kv_lens.iter().enumerate() {
-        let c = chunk.unwrap_or(len.max(1));
-        let pieces = len.div_ceil(c).max(1);
-        for k in 0..pieces {
-            let start = k * c;
-            let partial = if pieces > 1 {
-                (s.num_partial + k) as i32
-            } else {
-                -1
-            };
-            s.work.push(DecodeWork {
-                request: r as i32,
-                page_begin: page_begin[r],
-                kv_start: start as i32,
-                kv_len: (len.min(start + c) - start.min(len)) as i32,
-                partial,
-                merge_begin: s.num_partial as i32,
-                num_pieces: pieces as i32,
-            });
-        }
-        if pieces > 1 {
-            s.num_partial += pieces;
+        let item = DecodeWork {
+            request: r as i32,
+            page_begin: page_begin[r],
+            kv_start: 0,
+            kv_len: len as i32,
+            partial: -1,
+            merge_begin: s.num_partial as i32,
+            num_pieces: 1,
+        };
+        match chunk {
+            Some(c) if len > c => {
+                let pieces = len.div_ceil(c);
+                for k in 0..pieces {
+                    let start = k * c;
+                    s.work.push(DecodeWork {
+                        kv_start: start as i32,
+                        kv_len: (len.min(start + c) - start) as i32,
+                        partial: (s.num_partial + k) as i32,
+                        num_pieces: pieces as i32,
+                        ..item
+                    });
+                }
+                s.num_partial += pieces;
+            }
+            // One item holds the whole request (no division: the unsplit plan is the common one).
+            _ => s.work.push(item),
         }
     }
-    // Longest first (stable: the schedule stays a pure function of the lengths). The order does
-    // not change any result: every item writes its own slot and merges go in slot order.
-    s.work.sort_by_key(|w| std::cmp::Reverse(w.kv_len));
-    s
+    // Longest first (the order of a stable sort: the schedule stays a pure function of the
+    // lengths; plan/order.rs). The order does not change any result: every item writes its own
+    // slot and merges go in slot order.
+    scratch.order.sort(&mut s.work, |w| w.kv_len as u32);
 }
 
 #[cfg(test)]

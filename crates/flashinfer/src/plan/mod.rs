@@ -3,6 +3,7 @@
 //! the result out in the workspace.
 
 pub mod decode;
+mod order;
 pub mod prefill;
 
 /// The smallest chunk, a multiple of `align` no smaller than `min` (rounded up), for which
