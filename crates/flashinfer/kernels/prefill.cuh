@@ -185,6 +185,10 @@ __device__ __forceinline__ void consumers_sync() {
 #endif
 }
 
+// Named barrier ids: 1 the consumers (above), 2..4 each consumer warpgroup's epilogue, 5 the
+// producer warpgroup's threads (persistent blocks), 12..15 the racecheck shadow's edges.
+constexpr int PRODUCER_BARRIER = 5;
+
 // Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
 template <int ROWS>
 __device__ __forceinline__ int tile_offset(int row, int chunk) {
@@ -215,6 +219,7 @@ struct PrefillWork {
   int merge_begin;  // split tile: first partial slot and number of pieces
   int num_pieces;
   int counter;      // split tile: index of its arrival counter
+  int rows;         // packed rows of this tile, at most CTA_Q (a request's first tile may be short)
 };
 
 struct PrefillParams {
@@ -325,7 +330,7 @@ struct ItemExtent {
 };
 __device__ __forceinline__ ItemExtent item_extent(const PrefillWork& w) {
   ItemExtent x;
-  x.valid_rows = min(CTA_Q, w.qo_len * GROUP - w.row_begin);
+  x.valid_rows = w.rows;
   x.diag = w.kv_len - w.qo_len;  // causal: token i sees keys <= diag + i
   x.kv_stop = w.kv_end;
   if constexpr (MASK_MODE == MASK_CAUSAL) x.kv_stop = min(x.kv_stop, x.diag + (w.row_begin + x.valid_rows - 1) / GROUP + 1);
@@ -472,12 +477,13 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
   }
 }
 
-// Thread 0 initialises `n` pairs of "full" (the producer's 128 threads arrive) and "empty" (every
-// consumer warp arrives) barriers; the block barrier that follows publishes them.
-__device__ __forceinline__ void init_barriers(u64* full, u64* empty, int n) {
+// Thread 0 initialises `n` pairs of "full" (the producer's 128 threads arrive, plus `extra`
+// plain arrivals) and "empty" (every consumer warp arrives) barriers; the block barrier that
+// follows publishes them.
+__device__ __forceinline__ void init_barriers(u64* full, u64* empty, int n, int extra = 0) {
   if (threadIdx.x != 0) return;
   for (int i = 0; i < n; ++i) {
-    mbar_init(&full[i], PRODUCER_THREADS);
+    mbar_init(&full[i], PRODUCER_THREADS + extra);
     mbar_init(&empty[i], NUM_WARPS);
   }
   mbar_init_fence();
@@ -522,27 +528,53 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   if (threadIdx.x == 0) g_user_params = user_params;  // published by the first barrier below
 #endif
 #if PREFILL_PERSISTENT
-  // Blocks stride over (item, KV head) pairs, heads fastest, as the non-persistent grid would
-  // start them; the producer walks the same sequence.
+  // Blocks claim (item, KV head) pairs, heads fastest, from a counter in the workspace: the
+  // items come longest first, so claiming them in order is greedy longest-processing-time, as
+  // the hardware's block scheduler is for the non-persistent grid (a static stride left a ragged
+  // last wave on long prompts). The producer claims; each claim rides with its Q buffer.
   const int num_blocks_work = *p.num_work * p.num_kv_heads;
   __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE], q_full[2], q_empty[2];
+  __shared__ int claimed[2];  // the pair whose Q tile is in each buffer; >= num_blocks_work: done
   init_barriers(full_bar, empty_bar, NSTAGE);
-  init_barriers(q_full, q_empty, 2);
+  init_barriers(q_full, q_empty, 2, 1);  // + the claiming thread's plain arrival
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves when it is done
   if (warp >= NUM_WARPS) {
     producer_regs();
     int seq = 0;
-    for (int b = blockIdx.x, it = 0; b < num_blocks_work; b += gridDim.x, ++it) {
-      const int item = b / p.num_kv_heads, kv_head = b % p.num_kv_heads;
-      const PrefillWork w = p.work[item];
-      const ItemExtent x = item_extent(w);
-      // The Q buffer of item it - 2 is free once its consumers wrote their output through it.
+    for (int it = 0;; ++it) {
+      // The Q buffer (and claim slot) of item it - 2 is free once its consumers wrote their
+      // output through it.
       if (it >= 2) {
         mbar_wait(&q_empty[it & 1], ((it >> 1) - 1) & 1);
 #if PREFILL_RACECHECK_SHADOW
         named_barrier_sync<LAUNCH_THREADS>(12 + (it & 1));  // the consumers' item it - 2 is done
 #endif
       }
+      if (tid == NUM_THREADS) {
+        const int b = atomicAdd(p.counters, 1);
+        // Every block makes exactly one claim past the end, so the last claim of all is this
+        // value: nobody touches the counter after it, and it is left zero for the next run.
+        if (b == num_blocks_work + (int)gridDim.x - 1) atomicExch(p.counters, 0);
+        claimed[it & 1] = b;
+        mbar_arrive(&q_full[it & 1]);  // publishes the claim to the consumers (release)
+      }
+      named_barrier_sync<PRODUCER_THREADS>(PRODUCER_BARRIER);  // ... and to the producer's threads
+      const int b = claimed[it & 1];
+      if (b >= num_blocks_work) {
+        cp_async_mbar_arrive(&q_full[it & 1]);  // no copies: the consumers only read the claim
+#if PREFILL_RACECHECK_SHADOW
+        named_barrier_arrive<LAUNCH_THREADS>(14 + (it & 1));
+        // Match the consumers' release of their last item (they arrive for every item).
+        if (it >= 1) {
+          mbar_wait(&q_empty[(it - 1) & 1], ((it - 1) >> 1) & 1);
+          named_barrier_sync<LAUNCH_THREADS>(12 + ((it - 1) & 1));
+        }
+#endif
+        return;  // copies still in flight complete on their own; the consumers wait for them
+      }
+      const int item = b / p.num_kv_heads, kv_head = b % p.num_kv_heads;
+      const PrefillWork w = p.work[item];
+      const ItemExtent x = item_extent(w);
       produce_q(p, w, kv_head, x.valid_rows, q_smem + (it & 1) * CTA_Q * HEAD_DIM, &q_full[it & 1]);
 #if PREFILL_RACECHECK_SHADOW
       asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -551,11 +583,17 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       produce_kv(p, w, kv_head, x.kv_stop, x.num_tiles, k_smem, v_smem, full_bar, empty_bar, seq);
       seq += x.num_tiles;
     }
-    return;  // copies still in flight complete on their own; the consumers wait for them
   }
   consumer_regs();
   int kv_seq = 0;  // stage sequence number of the current item's first tile
-  for (int b = blockIdx.x, it = 0; b < num_blocks_work; b += gridDim.x, ++it) {
+  for (int it = 0;; ++it) {
+    // The producer claimed this buffer's pair and copied its Q tile.
+    mbar_wait(&q_full[it & 1], (it >> 1) & 1);
+#if PREFILL_RACECHECK_SHADOW
+    named_barrier_sync<LAUNCH_THREADS>(14 + (it & 1));
+#endif
+    const int b = claimed[it & 1];
+    if (b >= num_blocks_work) break;
     const int item = b / p.num_kv_heads, kv_head = b % p.num_kv_heads;
     DTypeQ* const q_tile = q_smem + (it & 1) * CTA_Q * HEAD_DIM;
 #else
@@ -587,12 +625,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #endif
 
 #if PREFILL_PERSISTENT
-  // The producer copied this item's Q tile.
-  mbar_wait(&q_full[it & 1], (it >> 1) & 1);
-#if PREFILL_RACECHECK_SHADOW
-  named_barrier_sync<LAUNCH_THREADS>(14 + (it & 1));
-#endif
-  fence_proxy_async();
+  fence_proxy_async();  // the producer's Q copies (waited for above) -> our wgmma reads
 #else
   // Q tile -> shared memory (rows past the request are zero).
   const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
@@ -709,7 +742,24 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
+#if PREFILL_WS
+  // A warpgroup whose 64 rows all lie past the tile's valid rows (a short row tile) computes
+  // nothing: it only keeps step with the stages, handing each back as it fills. (A loop of its
+  // own, so the computing loop below is the same code as without it.)
+  const bool wg_idle = (warp / 4) * 64 >= valid_rows;
+  if (wg_idle) {
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      const int stage = (kv_seq + tile) % NSTAGE;
+      mbar_wait(&full_bar[stage], ((kv_seq + tile) / NSTAGE) & 1);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_bar[stage]);
+    }
+  }
+  const int compute_tiles = wg_idle ? 0 : num_tiles;
+#else
+  const int compute_tiles = num_tiles;
+#endif
+  for (int tile = 0; tile < compute_tiles; ++tile) {
     const int stage = (kv_seq + tile) % NSTAGE;
 #if PREFILL_WS
     // Wait for the producer's copies of this stage, then order them before our wgmma reads.
@@ -1051,7 +1101,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
     named_barrier_sync<128>(2 + wg);  // every read of the Q buffer done before it is released
 #if PREFILL_RACECHECK_SHADOW
-    if (b + 2 * (int)gridDim.x < num_blocks_work) named_barrier_arrive<LAUNCH_THREADS>(12 + (it & 1));
+    named_barrier_arrive<LAUNCH_THREADS>(12 + (it & 1));
 #endif
     if (lane == 0) mbar_arrive(&q_empty[it & 1]);
   }

@@ -702,13 +702,12 @@ fn gpu_prefill_producer_sanitizer_cases() {
     run_case::<half::bf16>(&c, &mut rng);
 }
 
-/// Persistent blocks (opt-in, `BatchPrefill::set_persistent`): more (item, head) pairs than one
-/// wave of blocks, so every block walks several items and both Q buffers turn over; an empty
-/// request among them. Passes, and memcheck is clean; racecheck reports hazards between the
-/// producer's Q copies and the epilogue's stores into the Q buffer, which the q_empty mbarrier
-/// orders (not resolved yet; docs/perf-notes.md), so this case is kept out of the sanitizer run.
-/// To check the report: `FLASHINFER_RACECHECK_SHADOW=1 compute-sanitizer --tool racecheck ...
-/// persistent_cases` (the same orderings repeated as named barriers, which racecheck sees).
+/// Persistent blocks (the default with the producer warpgroup; forced on here for every block
+/// shape): more (item, head) pairs than one wave of blocks, so every block claims several items
+/// and both Q buffers turn over; an empty request among them, and short first row tiles (whole
+/// idle warpgroups). Under compute-sanitizer the kernels also carry named-barrier copies of
+/// their mbarrier orderings, which racecheck needs to see them (`racecheck_shadow` in
+/// src/prefill/tiles.rs): `bash .gpu/run sanitize persistent_cases` is clean.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_prefill_persistent_cases() {

@@ -15,7 +15,8 @@ mod graph;
 mod tiles;
 
 pub use crate::plan::prefill::{
-    plan_prefill, PrefillRequest, PrefillSchedule, PrefillShape, PrefillWork, MIN_KV_CHUNK,
+    plan_prefill, plan_prefill_into, PrefillRequest, PrefillSchedule, PrefillScratch, PrefillShape,
+    PrefillWork, MIN_KV_CHUNK,
 };
 pub use crate::plan::prefill::{prefill_bounds, PrefillBounds};
 pub use graph::{PrefillGraphKv, PrefillGraphLimits};
@@ -39,7 +40,7 @@ use crate::params::AttentionParams;
 use crate::user_variant::{no_softmax_lse_error, UserArgs, UserVariant};
 use crate::variant::{Rope, Variant, VariantFlags};
 
-// SAFETY: PrefillWork is repr(C) with fourteen i32 fields: no padding.
+// SAFETY: PrefillWork is repr(C) with fifteen i32 fields: no padding.
 unsafe impl PlanItem for PrefillWork {}
 
 /// Static configuration of a prefill op (one per model layer shape and mask kind).
@@ -149,6 +150,17 @@ struct Planned {
     mask_bytes: usize,
 }
 
+/// Buffers `plan()` reuses from step to step, so that planning allocates nothing once they have
+/// grown: the requests it gives the planner, the planner's scratch, and the schedule of the next
+/// plan, swapped with the current one once that plan has succeeded (a failed plan leaves the
+/// current one whole, and drops what it took from here).
+#[derive(Debug, Default)]
+struct PlanBuffers {
+    requests: Vec<PrefillRequest>,
+    scratch: PrefillScratch,
+    next: PrefillSchedule,
+}
+
 /// A planned batch prefill.
 pub struct BatchPrefill {
     dev: Arc<Device>,
@@ -158,6 +170,7 @@ pub struct BatchPrefill {
     schedule: PrefillSchedule,
     layout: PlanLayout,
     planned: Planned,
+    plan_buffers: PlanBuffers,
     /// Forces a tile shape (benchmarks, batch-invariant mode); `None` lets `plan()` choose.
     forced_tiles: Option<PrefillTiles>,
     l2_lookahead: bool,
@@ -212,6 +225,7 @@ impl BatchPrefill {
             schedule: PrefillSchedule::default(),
             layout: PlanLayout::default(),
             planned: Planned::default(),
+            plan_buffers: PlanBuffers::default(),
             forced_tiles: None,
             l2_lookahead: false,
             warp_specialize: None,
@@ -462,10 +476,15 @@ impl BatchPrefill {
                 .as_ref()
                 .is_some_and(|u| u.variant.transforms_tiles());
         let on = allowed && self.warp_specialize.unwrap_or(t.warp_specialized);
+        let logits_hook = self
+            .user
+            .as_ref()
+            .is_some_and(|u| u.variant.logits_transform.is_some());
+        let persistent = t.persistent && t.persistent_pays(logits_hook);
         match (on, fixed) {
             (true, _) => PrefillTiles {
                 warp_specialized: true,
-                persistent: self.graph.is_none() && self.persistent.unwrap_or(t.persistent),
+                persistent: self.graph.is_none() && self.persistent.unwrap_or(persistent),
                 ..t
             },
             // Fixed tiles keep their shape; chosen ones fall back to the best shape without a
@@ -595,22 +614,22 @@ impl BatchPrefill {
             .unwrap_or(0);
         let tiles = self.choose_tiles(paged, packed_avg);
         self.check_matches_config(&tiles)?;
-        let requests: Vec<PrefillRequest> = (0..batch)
-            .map(|i| PrefillRequest {
-                qo_len: qo_indptr.len(i),
-                kv_len: kv_lens[i],
-                q_start: qo_indptr.start(i),
-                kv_offset: match kv {
-                    PrefillKv::Ragged(r) => r.start(i),
-                    PrefillKv::Paged(_) => 0,
-                },
-                page_begin: match kv {
-                    PrefillKv::Ragged(_) => 0,
-                    PrefillKv::Paged(t) => t.kv_indptr()[i] as usize,
-                },
-                mask_offset: mask.map_or(0, |m| m.mask_indptr()[i] as usize),
-            })
-            .collect();
+        let mut requests = std::mem::take(&mut self.plan_buffers.requests);
+        requests.clear();
+        requests.extend((0..batch).map(|i| PrefillRequest {
+            qo_len: qo_indptr.len(i),
+            kv_len: kv_lens[i],
+            q_start: qo_indptr.start(i),
+            kv_offset: match kv {
+                PrefillKv::Ragged(r) => r.start(i),
+                PrefillKv::Paged(_) => 0,
+            },
+            page_begin: match kv {
+                PrefillKv::Ragged(_) => 0,
+                PrefillKv::Paged(t) => t.kv_indptr()[i] as usize,
+            },
+            mask_offset: mask.map_or(0, |m| m.mask_indptr()[i] as usize),
+        }));
         // The planner sees the non-persistent block (its split merge bounds the pieces); a plan
         // that splits runs it.
         // (A graph op plans with the shape it was sized for: turning the producer off, e.g. for
@@ -633,7 +652,9 @@ impl BatchPrefill {
                 },
             )?;
         }
-        let s = plan_prefill(&requests, &shape);
+        let mut s = std::mem::take(&mut self.plan_buffers.next);
+        plan_prefill_into(&requests, &shape, &mut self.plan_buffers.scratch, &mut s);
+        self.plan_buffers.requests = requests;
         let tiles = PrefillTiles {
             persistent: tiles.persistent && s.num_partial == 0,
             ..tiles
@@ -658,7 +679,10 @@ impl BatchPrefill {
             // The layout (and the workspace) of graph mode never move.
             Some(_) => self.layout,
             None => {
-                let l = plan_layout(s.work.len(), s.num_counters, s.num_partial, &tiles, h);
+                // Persistent blocks claim their items from counter 0 (they never split, so it
+                // is free).
+                let counters = s.num_counters.max(usize::from(tiles.persistent));
+                let l = plan_layout(s.work.len(), counters, s.num_partial, &tiles, h);
                 if l.total > self.workspace.bytes() {
                     self.workspace =
                         Workspace::new(self.dev.stream(), l.total.next_power_of_two())?;
@@ -668,7 +692,7 @@ impl BatchPrefill {
         };
         // The item count, the work list and the zeroed counters, in one transfer.
         self.workspace.upload_plan(self.dev.stream(), &l, &s.work)?;
-        self.schedule = s;
+        self.plan_buffers.next = std::mem::replace(&mut self.schedule, s);
         self.layout = l;
         self.planned = Planned {
             tiles: Some(tiles),

@@ -23,7 +23,8 @@
 //! three 64-key stages, or two 128-key stages from [`LONG_PACKED_ROWS`] packed rows per request;
 //! two warpgroups take 128-key stages, one warpgroup 64 (two blocks per SM). Variants that cannot
 //! have a producer (RoPE, user query/key transforms) take [`PrefillTiles::without_producer`].
-//! Persistent blocks ([`PrefillTiles::persistent`]) are opt-in. The measurements behind these
+//! Those blocks are persistent ([`PrefillTiles::persistent`]): one per SM, claiming (item, head)
+//! pairs from a counter, except in split plans and CUDA graphs. The measurements behind these
 //! choices are in docs/perf-notes.md.
 
 use crate::dtype::DType;
@@ -94,8 +95,9 @@ pub struct PrefillTiles {
     pub warp_specialized: bool,
     /// Persistent blocks (with the producer warpgroup): one block per SM walks the work items; the
     /// producer loads the next item's Q tile (two Q buffers) and K/V while the consumers finish
-    /// this one, whose output they write from registers. Never for a plan with split KV (the op
-    /// turns it off there).
+    /// this one, whose output they write from registers. [`PrefillTiles::choose`] takes them
+    /// with the producer; never for a plan with split KV or a CUDA-graph op (the op turns them
+    /// off there).
     pub persistent: bool,
 }
 
@@ -155,9 +157,12 @@ impl PrefillTiles {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
             let (wg, kv_tile, nstage) = wgmma_shape(packed_qo_len);
             // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s at the same shape,
-            // the cascade's shared level 124 -> 103 us (docs/perf-notes.md).
+            // the cascade's shared level 124 -> 103 us. Persistent blocks that claim items
+            // from a counter: 16 x 1024 315 -> 336, 1 x 8192 549 -> 567 (docs/perf-notes.md);
+            // the op turns them off for split plans and CUDA graphs.
             return Self {
                 warp_specialized: true,
+                persistent: true,
                 nstage,
                 ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
             };
@@ -340,6 +345,17 @@ impl PrefillTiles {
         }
     }
 
+    /// Whether persistent blocks pay for this shape and variant (`logits_hook`: a user variant
+    /// transforms logits): not for three warpgroups whose logits a variant transforms (soft cap,
+    /// ALiBi, a user hook). At 160 registers per consumer thread the persistent loop's state
+    /// makes those slower (1 x 8192, not persistent against persistent: soft cap 1361 against
+    /// 1616 us, ALiBi 1070 against 1114; plain 983 against 970). Two warpgroups have 232
+    /// registers and gain (16 x 128 over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
+    pub fn persistent_pays(&self, logits_hook: bool) -> bool {
+        let logits = self.variant.soft_cap || self.variant.alibi || logits_hook;
+        !(self.warps_q >= 12 && logits)
+    }
+
     /// Whether the backend and the built-in variants allow a producer warp: RoPE rewrites each
     /// tile in shared memory with every thread between its copy and its use (so do a user
     /// variant's query/key transforms, which the op checks: [`UserVariant::transforms_tiles`]).
@@ -470,11 +486,18 @@ impl PrefillTiles {
     }
 }
 
-/// `FLASHINFER_RACECHECK_SHADOW=1`: persistent kernels repeat their mbarrier orderings as named
-/// barriers, which compute-sanitizer's racecheck understands (for proving its reports on them
-/// false or true; slower).
+/// Whether persistent kernels repeat their mbarrier orderings as named barriers, which
+/// compute-sanitizer's racecheck sees: `FLASHINFER_RACECHECK_SHADOW=1` or `0`, and by default
+/// whenever the process runs under compute-sanitizer (its injection sets
+/// `NV_SANITIZER_INJECTION_PORT_BASE`). Racecheck (CUDA 13.0) does not model the completion of
+/// `cp.async` through `cp.async.mbarrier.arrive.noinc`: it reports the producer's Q copies and the
+/// epilogue's stores into the same buffer as hazards although the `q_empty` mbarrier orders
+/// them, and reports none once the same orderings are also named barriers (docs/perf-notes.md).
 fn racecheck_shadow() -> bool {
-    std::env::var("FLASHINFER_RACECHECK_SHADOW").is_ok_and(|v| v == "1")
+    match std::env::var("FLASHINFER_RACECHECK_SHADOW") {
+        Ok(v) => v == "1",
+        Err(_) => std::env::var_os("NV_SANITIZER_INJECTION_PORT_BASE").is_some(),
+    }
 }
 
 /// Every prefill specialisation the compile-only tier checks: both dtypes, the three head dims,
@@ -504,10 +527,8 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                         t.warp_specialized = true;
                         t.nstage = ns;
                         v.push(t.spec());
-                        if wg == 3 {
-                            t.persistent = true;
-                            v.push(t.spec());
-                        }
+                        t.persistent = true;
+                        v.push(t.spec());
                     }
                 }
             }
@@ -546,6 +567,8 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             t.warp_specialized = true;
             t.nstage = ns;
             v.push(t.spec());
+            t.persistent = true;
+            v.push(t.spec());
         }
     }
     // Different packed lengths can choose the same tiles: one spec per name.
@@ -557,6 +580,44 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_take_persistent_blocks_unless_a_variant_transforms_logits() {
+        let choose = |packed| {
+            let dt = DType::BF16;
+            PrefillTiles::choose(
+                128,
+                4,
+                dt,
+                dt,
+                false,
+                PrefillMask::Causal,
+                packed,
+                Arch::SM90,
+            )
+        };
+        let prompt = choose(4096);
+        assert!(prompt.warp_specialized && prompt.persistent && prompt.warps_q == 12);
+        assert!(prompt.persistent_pays(false));
+        assert!(!prompt.persistent_pays(true));
+        let capped = PrefillTiles {
+            variant: VariantFlags {
+                soft_cap: true,
+                ..Default::default()
+            },
+            ..prompt
+        };
+        assert!(!capped.persistent_pays(false));
+        // Two warpgroups (a group of decode queries over a shared prefix) keep them.
+        let two = PrefillTiles {
+            variant: capped.variant,
+            ..choose(256)
+        };
+        assert_eq!(two.warps_q, 8);
+        assert!(two.persistent_pays(true));
+        // No producer, no persistence.
+        assert!(!prompt.without_producer().persistent);
+    }
 
     #[test]
     fn tiles_fit_hopper() {
