@@ -742,10 +742,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
 
-#if PREFILL_WS
+#if PREFILL_WS && !VARIANT_LOGITS
   // A warpgroup whose 64 rows all lie past the tile's valid rows (a short row tile) computes
   // nothing: it only keeps step with the stages, handing each back as it fills. (A loop of its
-  // own, so the computing loop below is the same code as without it.)
+  // own, so the computing loop below is the same code as without it. Not with logits variants:
+  // at 160 registers it made ptxas spill more in the soft-cap block, 104 -> 152 bytes.)
   const bool wg_idle = (warp / 4) * 64 >= valid_rows;
   if (wg_idle) {
     for (int tile = 0; tile < num_tiles; ++tile) {

@@ -548,12 +548,15 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             t.variant = flags;
             v.push(t.spec());
         }
-        // The producer-warpgroup prompt shape, persistent, with every variant it can take.
+        // The producer-warpgroup prompt shape, persistent or not (three warpgroups whose
+        // logits a variant transforms are not: `persistent_pays`), with every variant it can
+        // take.
         let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, 128);
         t.warp_specialized = true;
-        t.persistent = true;
         t.variant = flags;
         if t.can_specialise_warps() {
+            v.push(t.spec());
+            t.persistent = true;
             v.push(t.spec());
         }
     }
