@@ -1,7 +1,8 @@
 // prefill.cuh: batch prefill / append attention on tensor cores (mma.sync, sm_80 and newer), over
 // ragged (contiguous) or paged KV.
 //
-// What it computes: for each work item (a tile of CTA_Q packed query rows of one request, and a
+// What it computes: for each work item (a tile of up to CTA_Q packed query rows of one request: a
+// request's first tile takes the remainder, and a
 // range of its keys) and each KV head, softmax(q k^T * scale) v for those rows, written as the
 // final output or, when the plan split the request's keys, as a partial state (o, lse) that the
 // last block of the tile merges exactly (the paper's composable states).
@@ -51,16 +52,18 @@
 #ifndef PREFILL_WS
 #define PREFILL_WS 0
 #endif
-// Persistent blocks (with PREFILL_WS): one block per SM walks the items; the producer loads the
-// next item's Q and first K/V tiles while the consumers finish this one (two Q buffers), and the
-// consumers write the output from registers through their own rows of the Q buffer. Plans with
-// split KV do not take it (the merge needs the stage memory the producer is refilling).
+// Persistent blocks (with PREFILL_WS): one block per SM claims (item, KV head) pairs from a
+// counter; the producer loads the next pair's Q and first K/V tiles while the consumers finish
+// this one (two Q buffers), and the consumers write the output from registers through their own
+// rows of the Q buffer. Plans with split KV do not take it (the merge needs the stage memory the
+// producer is refilling).
 #ifndef PREFILL_PERSISTENT
 #define PREFILL_PERSISTENT 0
 #endif
 // Debug aid for compute-sanitizer's racecheck, which does not see the ordering that the Q
 // buffers' mbarriers give (cp.async with mbarrier arrivals, from NVRTC 13.0 code): the same
-// orderings again as named barriers, which it does see (ids 12..15). Slower; never in production.
+// orderings again as named barriers, which it does see (ids 12..15). Slower; the host builds it
+// only on request or under compute-sanitizer (`racecheck_shadow` in src/prefill/tiles.rs).
 #ifndef PREFILL_RACECHECK_SHADOW
 #define PREFILL_RACECHECK_SHADOW 0
 #endif
@@ -188,6 +191,7 @@ __device__ __forceinline__ void consumers_sync() {
 // Named barrier ids: 1 the consumers (above), 2..4 each consumer warpgroup's epilogue, 5 the
 // producer warpgroup's threads (persistent blocks), 12..15 the racecheck shadow's edges.
 constexpr int PRODUCER_BARRIER = 5;
+static_assert(2 + NUM_WARPS / 4 <= PRODUCER_BARRIER && PRODUCER_BARRIER < 12, "named barrier ids overlap");
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
 template <int ROWS>
@@ -221,6 +225,7 @@ struct PrefillWork {
   int counter;      // split tile: index of its arrival counter
   int rows;         // packed rows of this tile, at most CTA_Q (a request's first tile may be short)
 };
+static_assert(sizeof(PrefillWork) == 15 * 4, "PrefillWork: the same layout as in src/plan/prefill.rs");
 
 struct PrefillParams {
   const DTypeQ* q;              // [nnz_qo, num_qo_heads, HEAD_DIM]

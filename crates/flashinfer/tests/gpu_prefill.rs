@@ -707,7 +707,8 @@ fn gpu_prefill_producer_sanitizer_cases() {
 /// and both Q buffers turn over; an empty request among them, and short first row tiles (whole
 /// idle warpgroups). Under compute-sanitizer the kernels also carry named-barrier copies of
 /// their mbarrier orderings, which racecheck needs to see them (`racecheck_shadow` in
-/// src/prefill/tiles.rs): `bash .gpu/run sanitize persistent_cases` is clean.
+/// src/prefill/tiles.rs): `bash .gpu/run sanitize persistent_cases` is clean. memcheck and
+/// synccheck of the kernels without those copies: `FLASHINFER_RACECHECK_SHADOW=0`.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_prefill_persistent_cases() {
@@ -716,8 +717,6 @@ fn gpu_prefill_persistent_cases() {
         return;
     }
     let mut rng = Rng::fresh("prefill_persistent");
-    // Persistent blocks: more (item, head) pairs than one wave of blocks, so every block walks
-    // several items and both Q buffers turn over; an empty request among them.
     let persistent = |t: Option<PrefillTiles>| {
         t.map(|t| PrefillTiles {
             persistent: true,

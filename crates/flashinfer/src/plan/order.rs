@@ -2,7 +2,7 @@
 //! blocks to start are the shortest and the grid's tail is short. Items of equal length keep the
 //! order they were made in, so that a schedule stays a pure function of the lengths.
 //!
-//! Ordering is on the critical path of every `plan()`. The items (28 or 56 bytes) are not sorted
+//! Ordering is on the critical path of every `plan()`. The items (28 or 60 bytes) are not sorted
 //! themselves: 8-byte (length, index) keys are, and the items are then gathered once. A list
 //! already in order is only scanned; a short one is sorted by comparisons; a longer one by a
 //! stable LSD radix sort of the length's bytes (two linear passes for lengths below 65536, none

@@ -1,7 +1,7 @@
 //! The prefill planner: a pure function of request lengths and the GPU's size.
 //!
 //! A request's `qo_len * group` packed query rows (query token, head of the KV head's group) are cut
-//! into tiles of `cta_q` rows; each tile attends the keys it can see (under a causal mask, up to
+//! into tiles of `cta_q` rows, the first taking the remainder ([`row_tiles`]); each tile attends the keys it can see (under a causal mask, up to
 //! its last row's diagonal). When the tiles alone cannot fill the GPU (a few long appends), each
 //! tile's keys are split into chunks whose partial states the kernel merges exactly (the last block
 //! of a tile to finish). Items are ordered longest first so that the grid's tail is short.
@@ -90,7 +90,8 @@ pub const MIN_KV_CHUNK: usize = 128;
 /// except the first, which takes the remainder. The short tile goes first because under a
 /// causal mask the first rows see the fewest keys: at the end, its padding rows (whose warpgroups
 /// idle) would sit in the tile that sees every key (16 x 1024 at GQA 4 and 192-row tiles: 64 of
-/// the last tile's 192 rows valid).
+/// the last tile's 192 rows valid). The definition the tests check the planner against (which
+/// walks the same tiles without a division per tile).
 pub fn row_tiles(rows: usize, cta_q: usize) -> impl Iterator<Item = (usize, usize)> {
     let cta_q = cta_q.max(1);
     let first = if rows == 0 { 0 } else { (rows - 1) % cta_q + 1 };
@@ -108,6 +109,9 @@ pub fn tile_kv_len(
 ) -> usize {
     if !shape.causal {
         return r.kv_len;
+    }
+    if rows == 0 {
+        return 0; // (no such tile: row_tiles makes none)
     }
     let last_row = row_begin + rows - 1;
     let last_token = last_row / shape.group;

@@ -42,6 +42,8 @@ use crate::variant::{Rope, Variant, VariantFlags};
 
 // SAFETY: PrefillWork is repr(C) with fifteen i32 fields: no padding.
 unsafe impl PlanItem for PrefillWork {}
+// The kernel's struct has the same size (a static_assert in kernels/prefill.cuh).
+const _: () = assert!(std::mem::size_of::<PrefillWork>() == 15 * 4);
 
 /// Static configuration of a prefill op (one per model layer shape and mask kind).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -476,11 +478,9 @@ impl BatchPrefill {
                 .as_ref()
                 .is_some_and(|u| u.variant.transforms_tiles());
         let on = allowed && self.warp_specialize.unwrap_or(t.warp_specialized);
-        let logits_hook = self
-            .user
-            .as_ref()
-            .is_some_and(|u| u.variant.logits_transform.is_some());
-        let persistent = t.persistent && t.persistent_pays(logits_hook);
+        // Chosen tiles take persistent blocks where they pay; forced ones keep their flag.
+        let persistent = t.persistent
+            && (fixed.is_some() || t.persistent_pays(self.user.as_ref().map(|u| &u.variant)));
         match (on, fixed) {
             (true, _) => PrefillTiles {
                 warp_specialized: true,
@@ -656,11 +656,14 @@ impl BatchPrefill {
         plan_prefill_into(&requests, &shape, &mut self.plan_buffers.scratch, &mut s);
         self.plan_buffers.requests = requests;
         let tiles = PrefillTiles {
-            persistent: tiles.persistent && s.num_partial == 0,
+            // Not with split KV (the merge reuses stage memory), nor in batch-invariant mode: there
+            // a request's bits must not depend on whether another request of the batch splits.
+            persistent: tiles.persistent && s.num_partial == 0 && self.fixed_kv_chunk.is_none(),
             ..tiles
         };
         ensure(
-            s.work.len() * h.num_kv_heads < i32::MAX as usize,
+            // (Half the range: persistent blocks count claims up to pairs + grid in an i32.)
+            s.work.len() * h.num_kv_heads < i32::MAX as usize / 2,
             "qo_indptr",
             || "the batch needs more blocks than one launch allows".into(),
         )?;

@@ -345,14 +345,19 @@ impl PrefillTiles {
         }
     }
 
-    /// Whether persistent blocks pay for this shape and variant (`logits_hook`: a user variant
-    /// transforms logits): not for three warpgroups whose logits a variant transforms (soft cap,
-    /// ALiBi, a user hook). At 160 registers per consumer thread the persistent loop's state
-    /// makes those slower (1 x 8192, not persistent against persistent: soft cap 1361 against
-    /// 1616 us, ALiBi 1070 against 1114; plain 983 against 970). Two warpgroups have 232
-    /// registers and gain (16 x 128 over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
-    pub fn persistent_pays(&self, logits_hook: bool) -> bool {
-        let logits = self.variant.soft_cap || self.variant.alibi || logits_hook;
+    /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
+    /// Not for three warpgroups whose logits a variant transforms (soft cap, ALiBi, any user
+    /// variant: the kernel's logits build): at 160 registers per consumer thread the persistent
+    /// loop's state makes those slower (1 x 8192, not persistent against persistent: soft cap
+    /// 1361 against 1616 us, ALiBi 1070 against 1114; plain 983 against 970). Two warpgroups have
+    /// 232 registers and gain (16 x 128 over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
+    /// Never with a user output transform: the persistent epilogue stages the output as 16-bit
+    /// values, and the transform must see the f32 ones.
+    pub fn persistent_pays(&self, user: Option<&UserVariant>) -> bool {
+        if user.is_some_and(|u| u.output_transform.is_some()) {
+            return false;
+        }
+        let logits = self.variant.soft_cap || self.variant.alibi || user.is_some();
         !(self.warps_q >= 12 && logits)
     }
 
@@ -493,6 +498,8 @@ impl PrefillTiles {
 /// `cp.async` through `cp.async.mbarrier.arrive.noinc`: it reports the producer's Q copies and the
 /// epilogue's stores into the same buffer as hazards although the `q_empty` mbarrier orders
 /// them, and reports none once the same orderings are also named barriers (docs/perf-notes.md).
+/// The copies also hide a broken mbarrier protocol from the other tools: run memcheck and
+/// synccheck with `FLASHINFER_RACECHECK_SHADOW=0` as well.
 fn racecheck_shadow() -> bool {
     match std::env::var("FLASHINFER_RACECHECK_SHADOW") {
         Ok(v) => v == "1",
@@ -601,8 +608,13 @@ mod tests {
         };
         let prompt = choose(4096);
         assert!(prompt.warp_specialized && prompt.persistent && prompt.warps_q == 12);
-        assert!(prompt.persistent_pays(false));
-        assert!(!prompt.persistent_pays(true));
+        assert!(prompt.persistent_pays(None));
+        let mut user = UserVariant {
+            name: "scaled".into(),
+            use_softmax: true,
+            ..Default::default()
+        };
+        assert!(!prompt.persistent_pays(Some(&user)));
         let capped = PrefillTiles {
             variant: VariantFlags {
                 soft_cap: true,
@@ -610,14 +622,17 @@ mod tests {
             },
             ..prompt
         };
-        assert!(!capped.persistent_pays(false));
+        assert!(!capped.persistent_pays(None));
         // Two warpgroups (a group of decode queries over a shared prefix) keep them.
         let two = PrefillTiles {
             variant: capped.variant,
             ..choose(256)
         };
         assert_eq!(two.warps_q, 8);
-        assert!(two.persistent_pays(true));
+        assert!(two.persistent_pays(Some(&user)));
+        // An output transform must see f32 outputs, which the persistent epilogue does not keep.
+        user.output_transform = Some("return o;".into());
+        assert!(!two.persistent_pays(Some(&user)));
         // No producer, no persistence.
         assert!(!prompt.without_producer().persistent);
     }
