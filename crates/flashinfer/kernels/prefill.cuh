@@ -1,9 +1,9 @@
 // prefill.cuh: batch prefill / append attention on tensor cores (mma.sync, sm_80 and newer), over
 // ragged (contiguous) or paged KV.
 //
-// What it computes: for each work item (a tile of up to CTA_Q packed query rows of one request: a
-// request's first tile takes the remainder, and a
-// range of its keys) and each KV head, softmax(q k^T * scale) v for those rows, written as the
+// What it computes: for each work item (a tile of up to CTA_Q packed query rows of one request,
+// whose first tile takes the remainder, and a range of its keys) and each KV head,
+// softmax(q k^T * scale) v for those rows, written as the
 // final output or, when the plan split the request's keys, as a partial state (o, lse) that the
 // last block of the tile merges exactly (the paper's composable states).
 //

@@ -93,8 +93,8 @@ pub struct PrefillTiles {
     /// (kernels/pipeline.cuh). Not with RoPE or user query/key transforms, which rewrite each
     /// tile with every thread (see [`PrefillTiles::can_specialise_warps`]).
     pub warp_specialized: bool,
-    /// Persistent blocks (with the producer warpgroup): one block per SM walks the work items; the
-    /// producer loads the next item's Q tile (two Q buffers) and K/V while the consumers finish
+    /// Persistent blocks (with the producer warpgroup): one block per SM claims work items from a
+    /// counter; the producer loads the next item's Q tile (two Q buffers) and K/V while the consumers finish
     /// this one, whose output they write from registers. [`PrefillTiles::choose`] takes them
     /// with the producer; never for a plan with split KV or a CUDA-graph op (the op turns them
     /// off there).
