@@ -118,6 +118,15 @@
 // Soft cap and ALiBi change the logits themselves: scores are then moved to the scaled base-2
 // domain before the softmax instead of folding the scale into the exponent.
 #define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI || USER_VARIANT)
+// ALiBi alone rides in the S accumulator instead: S = QK^T starts from bias / scale rather than
+// zero (one FFMA per score in place of the zeroing), and the scale stays folded into the
+// exponent as without variants; with soft cap or a user variant the bias must follow them.
+#define ALIBI_IN_ACCUM (VARIANT_ALIBI && !VARIANT_SOFTCAP && !USER_VARIANT)
+// The scores are rewritten between QK^T and the softmax (in the scaled base-2 domain).
+#define LOGITS_REWRITTEN (VARIANT_LOGITS && !ALIBI_IN_ACCUM)
+// Soft cap alone leaves tanh(x / c) and lets the exponent's FFMA multiply by c log2(e), as the
+// plain kernel's multiplies by the scale (one FMUL per score less).
+#define SOFTCAP_ALONE (VARIANT_SOFTCAP && !VARIANT_ALIBI && !USER_VARIANT)
 
 // NUM_WARPS / NUM_THREADS: the warps that compute (the consumers); the producer warp of the
 // warp-specialised kernel comes on top (LAUNCH_THREADS).
@@ -717,7 +726,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row_slope[mt][h] = p.alibi_slopes_log2[row_head[mt][h]];
+    for (int h = 0; h < 2; ++h) {
+      row_slope[mt][h] = p.alibi_slopes_log2[row_head[mt][h]];
+      // In the accumulator the bias is in raw logit units: the exponent's FFMA scales it back.
+      if (ALIBI_IN_ACCUM) row_slope[mt][h] /= p.sm_scale_log2;
+    }
 #endif
 #if USER_VARIANT
   const float sm_scale = p.sm_scale_log2 * 0.6931471805599453f;  // natural-domain scale
@@ -727,8 +740,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   rope_frequencies(p, rope_freq);
   const int rope_base = p.rope_offsets != nullptr ? p.rope_offsets[w.request] : 0;  // key 0's position
 #endif
-  // The exponent's scale: folded in (plain), or already applied to the logits (variants).
-  const float score_scale = VARIANT_LOGITS ? 1.f : p.sm_scale_log2;
+  // The exponent's scale: folded in (plain, ALiBi alone; soft cap alone folds c log2(e)), or already
+  // applied to the logits (other variants).
+  const float score_scale = SOFTCAP_ALONE ? p.softcap_out : LOGITS_REWRITTEN ? 1.f : p.sm_scale_log2;
 
   float m[M_TILES][2], d[M_TILES][2];
   float o[M_TILES][HEAD_DIM / 8][4];
@@ -839,10 +853,27 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 
     // S = Q K^T: M_TILES x NT_KV tiles of 16 x 8.
     float s[M_TILES][NT_KV][4];
+#if ALIBI_IN_ACCUM
+    // ALiBi's bias slope * (key - query position) / scale as the accumulator's start: slope *
+    // (this thread's first key - position) once per row and tile, then slope * a constant per
+    // score (no int-to-float conversion per score).
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float base = row_slope[mt][h] * (float)(key0 + 2 * t - (diag + row_token[mt][h]));
+#pragma unroll
+        for (int j = 0; j < NT_KV; ++j) {
+          s[mt][j][2 * h] = fmaf(row_slope[mt][h], (float)(j * 8), base);
+          s[mt][j][2 * h + 1] = fmaf(row_slope[mt][h], (float)(j * 8 + 1), base);
+        }
+      }
+#else
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
       for (int j = 0; j < NT_KV; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#endif
 #if PREFILL_WGMMA
     {
       // This warpgroup's 64 rows of Q times the tile's keys, 16 dims per wgmma; the descriptors
@@ -881,7 +912,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
 
-#if VARIANT_LOGITS
+#if LOGITS_REWRITTEN
     // Logits variants, in the scaled base-2 domain: soft cap c (c tanh(x / c)), then ALiBi.
 #if VARIANT_ALIBI
     // ALiBi's bias slope * (key - query position): slope * (this thread's first key - position)
@@ -914,7 +945,8 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
           // The hardware tanh (one MUFU op, relative error 2^-11; P then moves by about
           // |logit| * 2^-11 relative, 1 % at a logit of 20, as in FA2/FA3); libm's tanhf costs
           // +60 % at 1 x 8192.
-          x = p.softcap_out * tanh_approx(x * p.softcap_in);
+          x = tanh_approx(x * p.softcap_in);
+          if (!SOFTCAP_ALONE) x *= p.softcap_out;
 #elif !VARIANT_ALIBI
           x *= p.sm_scale_log2;
 #endif
