@@ -414,7 +414,10 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
   auto slot_row = [&](int piece, int row) {
     return ((long long)(w.merge_begin + piece) * p.num_kv_heads + kv_head) * CTA_Q + row;
   };
-  for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
+  // Only the valid rows' LSEs were written (a short tile's others are never read below).
+  for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) {
+    if (i % CTA_Q < valid_rows) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
+  }
   consumers_sync();
   constexpr int V = 4;
   for (int item = tid; item < valid_rows * (HEAD_DIM / V); item += NUM_THREADS) {
