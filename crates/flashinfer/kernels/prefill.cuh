@@ -67,6 +67,13 @@
 #ifndef PREFILL_RACECHECK_SHADOW
 #define PREFILL_RACECHECK_SHADOW 0
 #endif
+// Ping-pong (with PREFILL_WS and two or three consumer warpgroups): the warpgroups take turns
+// issuing their QK^T GEMMs (named barriers 6 + warpgroup, round robin, as FA3's warp scheduler
+// barriers), so their softmaxes are staggered and each one's special-function work overlaps the
+// others' GEMMs instead of all warpgroups doing softmax at once while the tensor cores idle.
+#ifndef PREFILL_PINGPONG
+#define PREFILL_PINGPONG 0
+#endif
 #if PREFILL_WS
 #include "pipeline.cuh"
 #endif
@@ -201,6 +208,15 @@ __device__ __forceinline__ void consumers_sync() {
 // producer warpgroup's threads (persistent blocks), 12..15 the racecheck shadow's edges.
 constexpr int PRODUCER_BARRIER = 5;
 static_assert(2 + NUM_WARPS / 4 <= PRODUCER_BARRIER && PRODUCER_BARRIER < 12, "named barrier ids overlap");
+
+#if PREFILL_PINGPONG
+static_assert(NUM_WARPS / 4 >= 2 && 6 + NUM_WARPS / 4 <= 12, "ping-pong: 2 or 3 consumer warpgroups, barriers 6..8");
+// Opens the first turn (once per block, by every thread of the last consumer warpgroup): its
+// arrival stands in for the one that would come from the turn before the first.
+__device__ __forceinline__ void pingpong_open() {
+  if ((int)threadIdx.x / 128 == NUM_WARPS / 4 - 1) named_barrier_arrive<256>(6);
+}
+#endif
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
 template <int ROWS>
@@ -602,6 +618,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
   }
   consumer_regs();
+#if PREFILL_PINGPONG
+  pingpong_open();
+#endif
   int kv_seq = 0;  // stage sequence number of the current item's first tile
   for (int it = 0;; ++it) {
     // The producer claimed this buffer's pair and copied its Q tile.
@@ -639,6 +658,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     return;  // copies still in flight complete on their own; the consumers wait for them
   }
   consumer_regs();
+#if PREFILL_PINGPONG
+  pingpong_open();
+#endif
 #endif
 
 #if PREFILL_PERSISTENT
@@ -764,7 +786,14 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
 
-#if PREFILL_WS && !VARIANT_LOGITS
+#if PREFILL_PINGPONG
+  // The turn order: warpgroup w issues its QK^T after w - 1 did (for the same tile); the last
+  // warpgroup opens the first turn. (Every warpgroup computes every tile here: an idle one
+  // skipping its turns would stall the order, so the idle-warpgroup loop below is off.)
+  constexpr int PP_WGS = NUM_WARPS / 4;
+  const int pp_wg = warp / 4;
+#endif
+#if PREFILL_WS && !VARIANT_LOGITS && !PREFILL_PINGPONG
   // A warpgroup whose 64 rows all lie past the tile's valid rows (a short row tile) computes
   // nothing: it only keeps step with the stages, handing each back as it fills. (A loop of its
   // own, so the computing loop below is the same code as without it. Not with logits variants:
@@ -882,6 +911,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       // This warpgroup's 64 rows of Q times the tile's keys, 16 dims per wgmma; the descriptors
       // step 32 bytes inside a 128-byte swizzle row, then to the next 64-column block.
       const int wg_row0 = (warp / 4) * 64;
+#if PREFILL_PINGPONG
+      named_barrier_sync<256>(6 + pp_wg);  // our turn: the previous warpgroup has issued
+#endif
       wgmma_fence();
 #pragma unroll
       for (int kd = 0; kd < HEAD_DIM / 16; ++kd) {
@@ -890,6 +922,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         wgmma_ss<DTypeKV, KV_TILE>(s[0], da, db);
       }
       wgmma_commit();
+#if PREFILL_PINGPONG
+      named_barrier_arrive<256>(6 + (pp_wg + 1) % PP_WGS);  // the next warpgroup's turn
+#endif
       wgmma_wait<0>();
     }
 #else
