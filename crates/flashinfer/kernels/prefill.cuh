@@ -67,6 +67,13 @@
 #ifndef PREFILL_RACECHECK_SHADOW
 #define PREFILL_RACECHECK_SHADOW 0
 #endif
+// Ping-pong (with PREFILL_WS and two or three consumer warpgroups): the warpgroups take turns
+// issuing their QK^T GEMMs (named barriers 6 + warpgroup, round robin, as FA3's warp scheduler
+// barriers), so their softmaxes are staggered and each one's special-function work overlaps the
+// others' GEMMs instead of all warpgroups doing softmax at once while the tensor cores idle.
+#ifndef PREFILL_PINGPONG
+#define PREFILL_PINGPONG 0
+#endif
 #if PREFILL_WS
 #include "pipeline.cuh"
 #endif
@@ -118,6 +125,15 @@
 // Soft cap and ALiBi change the logits themselves: scores are then moved to the scaled base-2
 // domain before the softmax instead of folding the scale into the exponent.
 #define VARIANT_LOGITS (VARIANT_SOFTCAP || VARIANT_ALIBI || USER_VARIANT)
+// ALiBi alone rides in the S accumulator instead: S = QK^T starts from bias / scale rather than
+// zero (one FFMA per score in place of the zeroing), and the scale stays folded into the
+// exponent as without variants; with soft cap or a user variant the bias must follow them.
+#define ALIBI_IN_ACCUM (VARIANT_ALIBI && !VARIANT_SOFTCAP && !USER_VARIANT)
+// The scores are rewritten between QK^T and the softmax (in the scaled base-2 domain).
+#define LOGITS_REWRITTEN (VARIANT_LOGITS && !ALIBI_IN_ACCUM)
+// Soft cap alone leaves tanh(x / c) and lets the exponent's FFMA multiply by c log2(e), as the
+// plain kernel's multiplies by the scale (one FMUL per score less).
+#define SOFTCAP_ALONE (VARIANT_SOFTCAP && !VARIANT_ALIBI && !USER_VARIANT)
 
 // NUM_WARPS / NUM_THREADS: the warps that compute (the consumers); the producer warp of the
 // warp-specialised kernel comes on top (LAUNCH_THREADS).
@@ -171,6 +187,26 @@ __device__ __forceinline__ void consumer_regs() {
 }
 #endif
 
+// Soft cap computes tanh and exp2 on the special-function unit, two MUFU ops per score; with
+// SOFTCAP_POLY_EVERY = N (experiment, branch only) the exponentials of every N-th 8-key column
+// group are computed on the FMA pipes instead (exp2_fma), as FA4 does.
+#ifndef SOFTCAP_POLY_EVERY
+#define SOFTCAP_POLY_EVERY 0
+#endif
+
+// 2^x for x <= 0 without the special-function unit: x = n + f with n an integer (rounded by
+// adding 1.5 * 2^23, which leaves n in the low mantissa bits) and |f| <= 1/2; 2^f by a cubic
+// (relative error 7.7e-5, far below the bf16 rounding of P, 3.9e-3), and n added to its exponent
+// field. Below 2^-125 (masked scores are -inf) the result is 0, as exp2 gives.
+__device__ __forceinline__ float exp2_fma(float x) {
+  const float xc = fmaxf(x, -125.f);
+  const float r = xc + 12582912.f;
+  const float f = xc - (r - 12582912.f);
+  const float p = fmaf(fmaf(fmaf(0.0550886838f, f, 0.242604051f), f, 0.693276242f), f, 0.99992894f);
+  const float y = __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
+  return x < -125.f ? 0.f : y;
+}
+
 // tanh on the special-function unit (sm_75 and newer).
 __device__ __forceinline__ float tanh_approx(float x) {
   float y;
@@ -192,6 +228,15 @@ __device__ __forceinline__ void consumers_sync() {
 // producer warpgroup's threads (persistent blocks), 12..15 the racecheck shadow's edges.
 constexpr int PRODUCER_BARRIER = 5;
 static_assert(2 + NUM_WARPS / 4 <= PRODUCER_BARRIER && PRODUCER_BARRIER < 12, "named barrier ids overlap");
+
+#if PREFILL_PINGPONG
+static_assert(NUM_WARPS / 4 >= 2 && 6 + NUM_WARPS / 4 <= 12, "ping-pong: 2 or 3 consumer warpgroups, barriers 6..8");
+// Opens the first turn (once per block, by every thread of the last consumer warpgroup): its
+// arrival stands in for the one that would come from the turn before the first.
+__device__ __forceinline__ void pingpong_open() {
+  if ((int)threadIdx.x / 128 == NUM_WARPS / 4 - 1) named_barrier_arrive<256>(6);
+}
+#endif
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a shared tile of ROWS rows.
 template <int ROWS>
@@ -405,7 +450,10 @@ __device__ __forceinline__ void merge_tile_pieces(const PrefillParams& p, const 
   auto slot_row = [&](int piece, int row) {
     return ((long long)(w.merge_begin + piece) * p.num_kv_heads + kv_head) * CTA_Q + row;
   };
-  for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
+  // Only the valid rows' LSEs were written (a short tile's others are never read below).
+  for (int i = tid; i < n * CTA_Q; i += NUM_THREADS) {
+    if (i % CTA_Q < valid_rows) smem[i] = __ldcg(p.partial_lse + slot_row(i / CTA_Q, i % CTA_Q));
+  }
   consumers_sync();
   constexpr int V = 4;
   for (int item = tid; item < valid_rows * (HEAD_DIM / V); item += NUM_THREADS) {
@@ -590,6 +638,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
   }
   consumer_regs();
+#if PREFILL_PINGPONG
+  pingpong_open();
+#endif
   int kv_seq = 0;  // stage sequence number of the current item's first tile
   for (int it = 0;; ++it) {
     // The producer claimed this buffer's pair and copied its Q tile.
@@ -627,6 +678,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     return;  // copies still in flight complete on their own; the consumers wait for them
   }
   consumer_regs();
+#if PREFILL_PINGPONG
+  pingpong_open();
+#endif
 #endif
 
 #if PREFILL_PERSISTENT
@@ -717,7 +771,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row_slope[mt][h] = p.alibi_slopes_log2[row_head[mt][h]];
+    for (int h = 0; h < 2; ++h) {
+      row_slope[mt][h] = p.alibi_slopes_log2[row_head[mt][h]];
+      // In the accumulator the bias is in raw logit units: the exponent's FFMA scales it back.
+      if (ALIBI_IN_ACCUM) row_slope[mt][h] /= p.sm_scale_log2;
+    }
 #endif
 #if USER_VARIANT
   const float sm_scale = p.sm_scale_log2 * 0.6931471805599453f;  // natural-domain scale
@@ -727,8 +785,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   rope_frequencies(p, rope_freq);
   const int rope_base = p.rope_offsets != nullptr ? p.rope_offsets[w.request] : 0;  // key 0's position
 #endif
-  // The exponent's scale: folded in (plain), or already applied to the logits (variants).
-  const float score_scale = VARIANT_LOGITS ? 1.f : p.sm_scale_log2;
+  // The exponent's scale: folded in (plain, ALiBi alone; soft cap alone folds c log2(e)), or already
+  // applied to the logits (other variants).
+  const float score_scale = SOFTCAP_ALONE ? p.softcap_out : LOGITS_REWRITTEN ? 1.f : p.sm_scale_log2;
 
   float m[M_TILES][2], d[M_TILES][2];
   float o[M_TILES][HEAD_DIM / 8][4];
@@ -747,7 +806,14 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     for (int n = 0; n < HEAD_DIM / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
   }
 
-#if PREFILL_WS && !VARIANT_LOGITS
+#if PREFILL_PINGPONG
+  // The turn order: warpgroup w issues its QK^T after w - 1 did (for the same tile); the last
+  // warpgroup opens the first turn. (Every warpgroup computes every tile here: an idle one
+  // skipping its turns would stall the order, so the idle-warpgroup loop below is off.)
+  constexpr int PP_WGS = NUM_WARPS / 4;
+  const int pp_wg = warp / 4;
+#endif
+#if PREFILL_WS && !VARIANT_LOGITS && !PREFILL_PINGPONG
   // A warpgroup whose 64 rows all lie past the tile's valid rows (a short row tile) computes
   // nothing: it only keeps step with the stages, handing each back as it fills. (A loop of its
   // own, so the computing loop below is the same code as without it. Not with logits variants:
@@ -839,15 +905,35 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 
     // S = Q K^T: M_TILES x NT_KV tiles of 16 x 8.
     float s[M_TILES][NT_KV][4];
+#if ALIBI_IN_ACCUM
+    // ALiBi's bias slope * (key - query position) / scale as the accumulator's start: slope *
+    // (this thread's first key - position) once per row and tile, then slope * a constant per
+    // score (no int-to-float conversion per score).
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float base = row_slope[mt][h] * (float)(key0 + 2 * t - (diag + row_token[mt][h]));
+#pragma unroll
+        for (int j = 0; j < NT_KV; ++j) {
+          s[mt][j][2 * h] = fmaf(row_slope[mt][h], (float)(j * 8), base);
+          s[mt][j][2 * h + 1] = fmaf(row_slope[mt][h], (float)(j * 8 + 1), base);
+        }
+      }
+#else
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
       for (int j = 0; j < NT_KV; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#endif
 #if PREFILL_WGMMA
     {
       // This warpgroup's 64 rows of Q times the tile's keys, 16 dims per wgmma; the descriptors
       // step 32 bytes inside a 128-byte swizzle row, then to the next 64-column block.
       const int wg_row0 = (warp / 4) * 64;
+#if PREFILL_PINGPONG
+      named_barrier_sync<256>(6 + pp_wg);  // our turn: the previous warpgroup has issued
+#endif
       wgmma_fence();
 #pragma unroll
       for (int kd = 0; kd < HEAD_DIM / 16; ++kd) {
@@ -856,6 +942,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         wgmma_ss<DTypeKV, KV_TILE>(s[0], da, db);
       }
       wgmma_commit();
+#if PREFILL_PINGPONG
+      named_barrier_arrive<256>(6 + (pp_wg + 1) % PP_WGS);  // the next warpgroup's turn
+#endif
       wgmma_wait<0>();
     }
 #else
@@ -881,7 +970,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
 
-#if VARIANT_LOGITS
+#if LOGITS_REWRITTEN
     // Logits variants, in the scaled base-2 domain: soft cap c (c tanh(x / c)), then ALiBi.
 #if VARIANT_ALIBI
     // ALiBi's bias slope * (key - query position): slope * (this thread's first key - position)
@@ -914,7 +1003,8 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
           // The hardware tanh (one MUFU op, relative error 2^-11; P then moves by about
           // |logit| * 2^-11 relative, 1 % at a logit of 20, as in FA2/FA3); libm's tanhf costs
           // +60 % at 1 x 8192.
-          x = p.softcap_out * tanh_approx(x * p.softcap_in);
+          x = tanh_approx(x * p.softcap_in);
+          if (!SOFTCAP_ALONE) x *= p.softcap_out;
 #elif !VARIANT_ALIBI
           x *= p.sm_scale_log2;
 #endif
@@ -1009,7 +1099,13 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       for (int j = 0; j < NT_KV; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
+#if VARIANT_SOFTCAP && SOFTCAP_POLY_EVERY
+          // (j is unrolled: each column group is on one unit or the other, no branch)
+          const float xs = fmaf(s[mt][j][e], score_scale, -m_use[e >> 1]);
+          s[mt][j][e] = j % SOFTCAP_POLY_EVERY == 0 ? exp2_fma(xs) : fast_exp2(xs);
+#else
           s[mt][j][e] = fast_exp2(fmaf(s[mt][j][e], score_scale, -m_use[e >> 1]));
+#endif
           d[mt][e >> 1] += s[mt][j][e];
         }
         pa[mt][j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[mt][j][0], s[mt][j][1]);
