@@ -187,26 +187,6 @@ __device__ __forceinline__ void consumer_regs() {
 }
 #endif
 
-// Soft cap computes tanh and exp2 on the special-function unit, two MUFU ops per score; with
-// SOFTCAP_POLY_EVERY = N (experiment, branch only) the exponentials of every N-th 8-key column
-// group are computed on the FMA pipes instead (exp2_fma), as FA4 does.
-#ifndef SOFTCAP_POLY_EVERY
-#define SOFTCAP_POLY_EVERY 0
-#endif
-
-// 2^x for x <= 0 without the special-function unit: x = n + f with n an integer (rounded by
-// adding 1.5 * 2^23, which leaves n in the low mantissa bits) and |f| <= 1/2; 2^f by a cubic
-// (relative error 7.7e-5, far below the bf16 rounding of P, 3.9e-3), and n added to its exponent
-// field. Below 2^-125 (masked scores are -inf) the result is 0, as exp2 gives.
-__device__ __forceinline__ float exp2_fma(float x) {
-  const float xc = fmaxf(x, -125.f);
-  const float r = xc + 12582912.f;
-  const float f = xc - (r - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(0.0550886838f, f, 0.242604051f), f, 0.693276242f), f, 0.99992894f);
-  const float y = __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
-  return x < -125.f ? 0.f : y;
-}
-
 // tanh on the special-function unit (sm_75 and newer).
 __device__ __forceinline__ float tanh_approx(float x) {
   float y;
@@ -1099,13 +1079,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       for (int j = 0; j < NT_KV; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-#if VARIANT_SOFTCAP && SOFTCAP_POLY_EVERY
-          // (j is unrolled: each column group is on one unit or the other, no branch)
-          const float xs = fmaf(s[mt][j][e], score_scale, -m_use[e >> 1]);
-          s[mt][j][e] = j % SOFTCAP_POLY_EVERY == 0 ? exp2_fma(xs) : fast_exp2(xs);
-#else
           s[mt][j][e] = fast_exp2(fmaf(s[mt][j][e], score_scale, -m_use[e >> 1]));
-#endif
           d[mt][e >> 1] += s[mt][j][e];
         }
         pa[mt][j >> 1][(j & 1) * 2 + 0] = pack2<DTypeKV>(s[mt][j][0], s[mt][j][1]);

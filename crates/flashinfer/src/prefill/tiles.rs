@@ -451,7 +451,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define SOFTCAP_POLY_EVERY {sp}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -479,9 +479,6 @@ impl PrefillTiles {
             // Experiment (branch only): the consumer warpgroups take turns issuing their QK^T
             // GEMMs; `FLASHINFER_PREFILL_PINGPONG=0` turns it off for A/B runs (own cache entries).
             pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
-            // Experiment (branch only): `FLASHINFER_SOFTCAP_POLY_EXP2=N` computes the
-            // exponentials of every N-th 8-key group on the FMA pipes (0 or unset: none).
-            sp = if self.variant.soft_cap { softcap_poly_every() } else { 0 },
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -506,13 +503,6 @@ impl PrefillTiles {
 /// them, and reports none once the same orderings are also named barriers (docs/perf-notes.md).
 /// The copies also hide a broken mbarrier protocol from the other tools: run memcheck and
 /// synccheck with `FLASHINFER_RACECHECK_SHADOW=0` as well.
-fn softcap_poly_every() -> u32 {
-    std::env::var("FLASHINFER_SOFTCAP_POLY_EXP2")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn pingpong() -> bool {
     std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
 }
