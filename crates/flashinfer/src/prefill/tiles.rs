@@ -476,8 +476,7 @@ impl PrefillTiles {
             // A debug aid for compute-sanitizer's racecheck (kernels/prefill.cuh): it changes the
             // source, so such kernels have their own cache entries.
             rs = u32::from(self.persistent && racecheck_shadow()),
-            // Experiment (branch only): the consumer warpgroups take turns issuing their QK^T
-            // GEMMs; `FLASHINFER_PREFILL_PINGPONG=0` turns it off for A/B runs (own cache entries).
+            // The consumer warpgroups take turns issuing their QK^T GEMMs (see `pingpong`).
             pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
             user = user.map_or(String::new(), |u| u.source()),
         );
@@ -494,6 +493,14 @@ impl PrefillTiles {
     }
 }
 
+/// Whether the consumer warpgroups of producer-warpgroup kernels take turns issuing their QK^T
+/// GEMMs (ping-pong, as FA3): on unless `FLASHINFER_PREFILL_PINGPONG=0`, which exists for A/B
+/// runs (H200, session 6: +0.2 % at 1 x 8192, +1.6 % at 16 x 1024, +2.4 % on the paged append;
+/// docs/perf-notes.md). It changes the source, so either setting has its own cache entries.
+fn pingpong() -> bool {
+    std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
+}
+
 /// Whether persistent kernels repeat their mbarrier orderings as named barriers, which
 /// compute-sanitizer's racecheck sees: `FLASHINFER_RACECHECK_SHADOW=1` or `0`, and by default
 /// whenever the process runs under compute-sanitizer (its injection sets
@@ -503,10 +510,6 @@ impl PrefillTiles {
 /// them, and reports none once the same orderings are also named barriers (docs/perf-notes.md).
 /// The copies also hide a broken mbarrier protocol from the other tools: run memcheck and
 /// synccheck with `FLASHINFER_RACECHECK_SHADOW=0` as well.
-fn pingpong() -> bool {
-    std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
-}
-
 fn racecheck_shadow() -> bool {
     match std::env::var("FLASHINFER_RACECHECK_SHADOW") {
         Ok(v) => v == "1",
