@@ -126,6 +126,37 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 #endif
 }
+// The same copy to a shared-memory address already converted (bytes; see smem_addr), for loaders
+// that compute their destinations once per tile: `src_bytes` < 16 zero-fills as above.
+__device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem, int src_bytes) {
+#ifdef L2_PREFETCH
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#endif
+}
+// A whole 16-byte copy (no source size: rows known to be in range).
+__device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem) {
+#ifdef L2_PREFETCH
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#endif
+}
+// The shared-memory address (bytes) of a generic pointer into shared memory.
+__device__ __forceinline__ u32 smem_addr(const void* smem) { return (u32)__cvta_generic_to_shared(smem); }
+// The value itself, opaque to the compiler: a base address computed once stays one register (pair)
+// instead of being rebuilt from its uniform and per-thread parts at every use.
+__device__ __forceinline__ u32 opaque(u32 x) {
+  u32 y;
+  asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+__device__ __forceinline__ const char* opaque(const char* x) {
+  const char* y;
+  asm volatile("mov.b64 %0, %1;" : "=l"(y) : "l"(x));
+  return y;
+}
 // Asks L2 to fetch the 128-byte line holding `gmem` (no register or shared-memory cost): a deeper
 // look-ahead than the shared-memory stages allow, for gathers whose first touch misses L2.
 __device__ __forceinline__ void prefetch_l2(const void* gmem) {

@@ -235,9 +235,16 @@ batch_decode(const DecodeParams p) {
   // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS. The CHUNKS
   // lanes sharing a row set resolve its page once: lane s of the group resolves the row of pass s,
   // and the others take the offset by shuffle (a page lookup costs a dependent load and a divide).
+  // The copies' addresses: per-thread bases (this thread's chunk of the KV head in K and in V; its
+  // row and chunk in stage 0) plus each row's byte offset, so that a copy costs the shuffle, one
+  // 64-bit add and the copy itself (the bases are opaque to the compiler, which otherwise rebuilds
+  // them from their parts at every copy); whole tiles skip the zero-fill's source size.
   const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
-  const long long head_off = (long long)kv_head * p.head_stride + ld_chunk * 8;
-  long long my_off = -1;  // offset of the row of pass ld_chunk (when ld_chunk < PASSES)
+  const long long head_bytes = ((long long)kv_head * p.head_stride + ld_chunk * 8) * (long long)sizeof(DTypeKV);
+  const char* k_src = opaque(reinterpret_cast<const char*>(p.k) + head_bytes);
+  const char* v_src = opaque(reinterpret_cast<const char*>(p.v) + head_bytes);
+  const u32 k_dst = opaque(smem_addr(k_smem)), v_dst = opaque(smem_addr(v_smem));
+  long long my_off = -1;  // byte offset of the row of pass ld_chunk (when ld_chunk < PASSES)
   auto resolve_rows = [&](int tile) {
     my_off = -1;
     const int tok = tile * TILE + ld_row + ld_chunk * ROWS_PER_PASS;
@@ -246,28 +253,45 @@ batch_decode(const DecodeParams p) {
       const u32 page_idx = p.page_size_div.div(abs_tok);
       const int page_pos = w.page_begin + (int)page_idx;
       const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-      my_off = (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride;
+      my_off = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
+               (long long)sizeof(DTypeKV);
     }
   };
-  auto issue_tile = [&](int stage) {
+  // A stage's byte offset of pass s of this thread's rows.
+  auto pass_dst = [&](int stage, int s) -> u32 {
+    // (Passes 8 rows apart keep the row's swizzle: a constant step from pass 0.)
+    if constexpr (ROWS_PER_PASS % 8 == 0)
+      return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row, ld_chunk) + s * ROWS_PER_PASS * HEAD_DIM) * 2u;
+    return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row + s * ROWS_PER_PASS, ld_chunk)) * 2u;
+  };
+  auto issue_tile = [&](int stage, bool whole) {
+    if (whole) {  // uniform: two loops, so that neither issues the other's instructions
 #pragma unroll
-    for (int s = 0; s < PASSES; ++s) {
-      const long long row_off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
-      const int r = ld_row + s * ROWS_PER_PASS;
-      const int so = stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(r, ld_chunk);
-      const bool ok = row_off >= 0;
-      const long long off = ok ? row_off + head_off : 0;
-      cp_async_16(k_smem + so, p.k + off, ok ? 16 : 0);
-      cp_async_16(v_smem + so, p.v + off, ok ? 16 : 0);
+      for (int s = 0; s < PASSES; ++s) {
+        const long long off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
+        cp_async_16_at(k_dst + pass_dst(stage, s), k_src + off);
+        cp_async_16_at(v_dst + pass_dst(stage, s), v_src + off);
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < PASSES; ++s) {
+        const long long row_off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
+        const bool ok = row_off >= 0;
+        const long long off = ok ? row_off : 0;
+        cp_async_16_at(k_dst + pass_dst(stage, s), k_src + off, ok ? 16 : 0);
+        cp_async_16_at(v_dst + pass_dst(stage, s), v_src + off, ok ? 16 : 0);
+      }
     }
   };
+  // Whether every row of tile `tile` is in range (uniform over the block).
+  auto whole_tile = [&](int tile) { return (tile + 1) * TILE <= w.kv_len; };
 
   const int num_tiles = (w.kv_len + TILE - 1) / TILE;
   resolve_rows(0);
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < num_tiles) {
-      issue_tile(s);
+      issue_tile(s, whole_tile(s));
       resolve_rows(s + 1);
     }
     cp_async_commit();
@@ -285,7 +309,7 @@ batch_decode(const DecodeParams p) {
     {
       const int next = tile + NSTAGE - 1;
       if (next < num_tiles) {
-        issue_tile(next % NSTAGE);
+        issue_tile(next % NSTAGE, whole_tile(next));
         resolve_rows(next + 1);
       }
       cp_async_commit();

@@ -8,7 +8,7 @@
 // stage completes the barrier's phase k, so a waiter passes parity k & 1.
 #pragma once
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+// (smem_addr: common.cuh.)
 
 __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
