@@ -79,7 +79,7 @@ __device__ __forceinline__ void store_vec_f32(T* p, const float* in) {
   }
 }
 
-// exp2 on the SFU; arguments here are always <= 0 or -inf, where ex2.approx is accurate to ~2 ulp.
+// exp2 on the SFU (ex2.approx: ~2 ulp relative over the whole range; -inf -> 0, large -> +inf).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

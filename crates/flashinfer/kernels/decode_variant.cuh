@@ -100,9 +100,20 @@ __device__ __forceinline__ void rope_pair2(u32& x, u32& y, u32 cs, u32 sn, u32 n
 // The base-2 logit of a score `x` already multiplied by logit_scale(): soft cap
 // (softcap_out = c * log2(e)), then ALiBi (`slope_log2` = slope * log2(e) of the query head,
 // `rel_pos` = key position - query position, <= 0).
+#if VARIANT_SOFTCAP
+// tanh(x) = 1 - 2 / (e^(2x) + 1): two special-function ops (ex2, rcp) and three others. The
+// softmax needs the logit c tanh(x) to an absolute error (a weight moves by e^error), and this
+// one is within about 1e-6 of tanh absolutely (ex2 and rcp both to ~2^-22 relative); +-inf give
+// +-1. libm's tanhf is as accurate and a longer sequence; the hardware tanh (tanh.approx, one op)
+// is 2^-11 relative, up to c 2^-11 absolute, which the prefill kernel accepts for its throughput.
+__device__ __forceinline__ float tanh_exp2(float x) {
+  const float e = fast_exp2(x * 2.8853900817779268f);  // e^(2x) = 2^(2x log2(e))
+  return 1.f - __fdividef(2.f, e + 1.f);
+}
+#endif
 __device__ __forceinline__ float decode_logit(float x, float softcap_out, float slope_log2, int rel_pos) {
 #if VARIANT_SOFTCAP
-  x = softcap_out * tanhf(x);
+  x = softcap_out * tanh_exp2(x);
 #endif
 #if VARIANT_ALIBI
   x += slope_log2 * (float)rel_pos;
