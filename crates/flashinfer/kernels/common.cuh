@@ -114,20 +114,14 @@ __device__ __forceinline__ void rope_sincos(int pos, float f, float& sn, float& 
   __sincosf(r + err, &sn, &cs);
 }
 
-// Asynchronous global->shared copies (sm_80+). `src_bytes` < 16 zero-fills the rest, so rows past
-// the end of a request are never read from global memory.
+// The shared-memory address (bytes) of a generic pointer into shared memory.
+__device__ __forceinline__ u32 smem_addr(const void* smem) { return (u32)__cvta_generic_to_shared(smem); }
+// Asynchronous global->shared copies (sm_80+) of 16 bytes to shared address `s` (bytes; see
+// smem_addr: loaders that compute their destinations once per tile pass them so).
+// `src_bytes` < 16 zero-fills the rest, so rows past the end of a request are never read from
+// global memory; the overload without it copies whole rows known to be in range.
 // With L2_PREFETCH defined, each copy also asks L2 to fetch the whole 256-byte sector group around
 // it: a KV row is 128-512 contiguous bytes, so the neighbouring lanes' requests then hit in L2.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  u32 s = (u32)__cvta_generic_to_shared(smem);
-#ifdef L2_PREFETCH
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-#endif
-}
-// The same copy to a shared-memory address already converted (bytes; see smem_addr), for loaders
-// that compute their destinations once per tile: `src_bytes` < 16 zero-fills as above.
 __device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem, int src_bytes) {
 #ifdef L2_PREFETCH
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
@@ -135,7 +129,6 @@ __device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem, int src_
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 #endif
 }
-// A whole 16-byte copy (no source size: rows known to be in range).
 __device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem) {
 #ifdef L2_PREFETCH
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -143,8 +136,10 @@ __device__ __forceinline__ void cp_async_16_at(u32 s, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 #endif
 }
-// The shared-memory address (bytes) of a generic pointer into shared memory.
-__device__ __forceinline__ u32 smem_addr(const void* smem) { return (u32)__cvta_generic_to_shared(smem); }
+// The same copy to a generic pointer into shared memory.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  cp_async_16_at(smem_addr(smem), gmem, src_bytes);
+}
 // The value itself, opaque to the compiler: a base address computed once stays one register (pair)
 // instead of being rebuilt from its uniform and per-thread parts at every use.
 __device__ __forceinline__ u32 opaque(u32 x) {
