@@ -348,9 +348,11 @@ impl PrefillTiles {
     /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
     /// Not for three warpgroups whose logits a variant transforms (soft cap, ALiBi, any user
     /// variant: the kernel's logits build): at 160 registers per consumer thread the persistent
-    /// loop's state makes those slower (1 x 8192, not persistent against persistent: soft cap
-    /// 1361 against 1616 us, ALiBi 1070 against 1114; plain 983 against 970). Two warpgroups have
-    /// 232 registers and gain (16 x 128 over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
+    /// loop's state made those slower (1 x 8192, not persistent against persistent, session 5:
+    /// soft cap 1361 against 1616 us, ALiBi 1070 against 1114; plain 983 against 970). With
+    /// ping-pong warpgroups (session 6) ALiBi still loses (1021 against 1041) and soft cap is
+    /// within noise (1120 against 1111). Two warpgroups have 232 registers and gain (16 x 128
+    /// over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
     /// Never with a user output transform: the persistent epilogue stages the output as 16-bit
     /// values, and the transform must see the f32 ones.
     pub fn persistent_pays(&self, user: Option<&UserVariant>) -> bool {
