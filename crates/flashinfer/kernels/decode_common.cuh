@@ -65,6 +65,19 @@ __device__ __forceinline__ int block_item(const DecodeParams& p) {
   return gridDim.y > 1 ? (int)blockIdx.x : (int)blockIdx.x / (p.num_qo_heads / GROUP);
 }
 
+#ifndef DECODE_WS
+#define DECODE_WS 0
+#endif
+// The barrier of the threads that compute: the whole block, or (DECODE_WS, decode_tc.cuh) its
+// consumer warps, named barrier 1 over 128 threads, once the producer warp has left.
+__device__ __forceinline__ void compute_sync() {
+#if DECODE_WS
+  asm volatile("bar.sync 1, 128;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
 __device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return block_item(p) < *p.num_work; }
 
@@ -86,14 +99,14 @@ __device__ __forceinline__ void merge_split_pieces(const DecodeParams& p, const 
                                                    float* smem) {
   __shared__ int is_last;
   __threadfence();  // our partial state is visible device-wide before we count ourselves done
-  __syncthreads();
+  compute_sync();
   if (tid == 0) {
     int* counter = p.counters + (long long)w.request * (p.num_qo_heads / GROUP) + kv_head;
     const int done = atomicAdd(counter, 1) + 1;
     is_last = done == w.num_pieces;
     if (is_last) *counter = 0;  // ready for the next run (CUDA graph replays reuse the plan)
   }
-  __syncthreads();
+  compute_sync();
   if (!is_last) return;
   __threadfence();
 
@@ -102,7 +115,7 @@ __device__ __forceinline__ void merge_split_pieces(const DecodeParams& p, const 
     const int piece = i / GROUP, g = i % GROUP;
     smem[i] = __ldcg(p.partial_lse + (long long)(w.merge_begin + piece) * p.num_qo_heads + kv_head * GROUP + g);
   }
-  __syncthreads();
+  compute_sync();
   constexpr int V = 4;
   for (int item = tid; item < GROUP * (HEAD_DIM / V); item += NT) {
     const int g = item / (HEAD_DIM / V), d0 = (item % (HEAD_DIM / V)) * V;

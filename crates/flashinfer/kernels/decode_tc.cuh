@@ -23,7 +23,7 @@
 #include "mma.cuh"
 
 constexpr int NUM_WARPS = 4;
-constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int NUM_THREADS = NUM_WARPS * 32;  // the warps that compute
 constexpr int WARP_TOKENS = 16 * KT;
 constexpr int TILE = NUM_WARPS * WARP_TOKENS;
 constexpr int CHUNKS = HEAD_DIM / 8;             // 16-byte chunks per row
@@ -134,11 +134,108 @@ struct RopeTableBuilder {
 };
 #endif
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+// Producer warp (DECODE_WS, sm_90): a fifth warp copies the K/V tiles with bulk copies
+// (cp.async.bulk, one per 2 * HEAD_DIM-byte row, completing on the stage's "full" mbarrier) and
+// resolves the pages; the four warps that compute wait on "full", read the stage, and release it
+// on its "empty" mbarrier. No block barrier per tile: a stage is refilled as soon as the last warp
+// has read it, so while the warps wait for tile t, every other stage is loading (NSTAGE tiles in
+// flight, against NSTAGE - 1 issued at a block barrier). Bulk copies land unswizzled: each row is
+// padded by 16 bytes instead (ROW_STRIDE), which keeps ldmatrix free of bank conflicts.
+#if DECODE_WS
+#include "pipeline.cuh"
+static_assert(!VARIANT_ROPE, "the producer-warp decode: RoPE rotates with every thread's help");
+constexpr int ROW_STRIDE = HEAD_DIM + 8;  // elements
+#else
+constexpr int ROW_STRIDE = HEAD_DIM;
+#endif
+constexpr int LAUNCH_THREADS = NUM_THREADS + (DECODE_WS ? 32 : 0);
+constexpr int STAGE_ELEMS = TILE * ROW_STRIDE;
+// Element offset of 16-byte chunk `chunk` of row `row` in a K or V stage.
+__device__ __forceinline__ int kv_offset(int row, int chunk) {
+#if DECODE_WS
+  return row * ROW_STRIDE + chunk * 8;
+#else
+  return swizzle<HEAD_DIM>(row, chunk);
+#endif
+}
+
+#if DECODE_WS
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Copies `bytes` (a multiple of 16) from global to shared memory; completes on `bar` (its tx count).
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u64* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+// Orders this thread's earlier generic-proxy accesses of shared memory before its later
+// async-proxy ones (bulk copies refilling a stage whose rows it zero-filled before).
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The producer warp: every tile of the block's item into the stages, in order.
+__device__ __forceinline__ void produce_tiles(const DecodeParams& p, const DecodeWork& w, int kv_head, int num_tiles,
+                                              DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar, u64* empty_bar,
+                                              int lane) {
+  constexpr int ROW_BYTES = HEAD_DIM * (int)sizeof(DTypeKV);
+  constexpr int ROWS_PER_LANE = TILE / 32;
+  const long long head_bytes = (long long)kv_head * p.head_stride * (long long)sizeof(DTypeKV);
+  const char* k_src = reinterpret_cast<const char*>(p.k) + head_bytes;
+  const char* v_src = reinterpret_cast<const char*>(p.v) + head_bytes;
+  const u32 k_dst = smem_addr(k_smem), v_dst = smem_addr(v_smem);
+  // Byte offsets of rows lane + 32 h of a tile (-1 past the item's keys), resolved a tile ahead
+  // so that the page-id loads are in flight while the producer waits for a free stage.
+  long long off[ROWS_PER_LANE];
+  auto resolve = [&](int tile) {
+#pragma unroll
+    for (int h = 0; h < ROWS_PER_LANE; ++h) {
+      const int tok = tile * TILE + lane + 32 * h;
+      off[h] = -1;
+      if (tok < w.kv_len) {
+        const u32 abs_tok = (u32)(w.kv_start + tok);
+        const u32 page_idx = p.page_size_div.div(abs_tok);
+        const int page_pos = w.page_begin + (int)page_idx;
+        const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
+        off[h] = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
+                 (long long)sizeof(DTypeKV);
+      }
+    }
+  };
+  if (num_tiles > 0) resolve(0);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % NSTAGE;
+    if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
+    fence_proxy_async_smem();
+    const int rows = min(TILE, w.kv_len - tile * TILE);
+    // One arrival per lane; lane 0's also expects the tile's bytes, before any copy is issued.
+    if (lane == 0) mbar_arrive_expect_tx(&full_bar[stage], (u32)(2 * rows * ROW_BYTES));
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < ROWS_PER_LANE; ++h) {
+      const int row = lane + 32 * h;
+      const u32 so = (u32)((stage * STAGE_ELEMS + row * ROW_STRIDE) * (int)sizeof(DTypeKV));
+      if (off[h] >= 0) {
+        bulk_copy(k_dst + so, k_src + off[h], ROW_BYTES, &full_bar[stage]);
+        bulk_copy(v_dst + so, v_src + off[h], ROW_BYTES, &full_bar[stage]);
+      } else {
+        // Past the keys (the last tile): zeros, so that P (0 there) times V stays finite.
+        uint4* kz = reinterpret_cast<uint4*>(k_smem + stage * STAGE_ELEMS + row * ROW_STRIDE);
+        uint4* vz = reinterpret_cast<uint4*>(v_smem + stage * STAGE_ELEMS + row * ROW_STRIDE);
+#pragma unroll
+        for (int c = 0; c < HEAD_DIM / 8; ++c) kz[c] = vz[c] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (tile + 1 < num_tiles) resolve(tile + 1);
+    if (lane != 0) mbar_arrive(&full_bar[stage]);
+  }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(LAUNCH_THREADS)
 batch_decode(const DecodeParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
-  DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
+  DTypeKV* v_smem = k_smem + NSTAGE * STAGE_ELEMS;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -146,6 +243,21 @@ batch_decode(const DecodeParams p) {
   // Both loads in flight at once: the work list always has a slot for every block of the grid.
   const DecodeWork w = p.work[block_item(p)];
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
+#if DECODE_WS
+  __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE];
+  if (tid == 0) {
+    for (int s = 0; s < NSTAGE; ++s) {
+      mbar_init(&full_bar[s], 32);          // the producer's lanes
+      mbar_init(&empty_bar[s], NUM_WARPS);  // the computing warps
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (warp == NUM_WARPS) {
+    produce_tiles(p, w, kv_head, (w.kv_len + TILE - 1) / TILE, k_smem, v_smem, full_bar, empty_bar, lane);
+    return;  // no block-wide barrier follows: the computing warps use compute_sync()
+  }
+#endif
 
 #if VARIANT_ROPE
   // RoPE: the frequencies of pair dims c * 8 + 2t + {0, 1} (t = lane % 4, c < HEAD_DIM / 16) and
@@ -232,6 +344,8 @@ batch_decode(const DecodeParams p) {
   const int rel0 = VARIANT_ALIBI ? w.kv_start - (p.kv_lens[w.request] - 1) : 0;
 #endif
 
+  const int num_tiles = (w.kv_len + TILE - 1) / TILE;
+#if !DECODE_WS
   // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS. The CHUNKS
   // lanes sharing a row set resolve its page once: lane s of the group resolves the row of pass s,
   // and the others take the offset by shuffle (a page lookup costs a dependent load and a divide).
@@ -286,7 +400,6 @@ batch_decode(const DecodeParams p) {
   // Whether every row of tile `tile` is in range (uniform over the block).
   auto whole_tile = [&](int tile) { return (tile + 1) * TILE <= w.kv_len; };
 
-  const int num_tiles = (w.kv_len + TILE - 1) / TILE;
   resolve_rows(0);
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
@@ -296,6 +409,7 @@ batch_decode(const DecodeParams p) {
     }
     cp_async_commit();
   }
+#endif
 
   // Online-softmax state of rows g and g + 8 (base 2). d is this thread's partial row sum.
   float m[2] = {NEG_INF, NEG_INF}, d[2] = {0.f, 0.f};
@@ -304,6 +418,9 @@ batch_decode(const DecodeParams p) {
   for (int n = 0; n < HEAD_DIM / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
+#if DECODE_WS
+    mbar_wait(&full_bar[tile % NSTAGE], (tile / NSTAGE) & 1);  // the producer's copies landed
+#else
     cp_async_wait<NSTAGE - 2>();
     __syncthreads();
     {
@@ -314,11 +431,15 @@ batch_decode(const DecodeParams p) {
       }
       cp_async_commit();
     }
-    const DTypeKV* ks_base = k_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
-    const DTypeKV* vs_base = v_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
+#endif
+    const DTypeKV* ks_base = k_smem + (tile % NSTAGE) * STAGE_ELEMS;
+    const DTypeKV* vs_base = v_smem + (tile % NSTAGE) * STAGE_ELEMS;
     const int row0 = warp * WARP_TOKENS;                   // first tile row of this warp
     const int valid = w.kv_len - (tile * TILE + row0);      // rows of this warp in range
-    if (valid <= 0) continue;
+    // (A block, left by `break` when this warp has no rows in the tile: with the producer warp
+    // the stage is released after it either way.)
+    do {
+    if (valid <= 0) break;
 
     // S = Q K^T for this warp's 16 * KT tokens: 2 * KT n-tiles of 8 tokens.
     float s[2 * KT][4];
@@ -339,8 +460,8 @@ batch_decode(const DecodeParams p) {
         }
         const int krow = row0 + j * 8 + (lane & 7);
         u32 lo[4], hi[4];
-        ldmatrix_x4(lo, ks_base + swizzle<HEAD_DIM>(krow, kk * 4 + (lane >> 3)));
-        ldmatrix_x4(hi, ks_base + swizzle<HEAD_DIM>(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
+        ldmatrix_x4(lo, ks_base + kv_offset(krow, kk * 4 + (lane >> 3)));
+        ldmatrix_x4(hi, ks_base + kv_offset(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           rope_pair2<DTypeKV>(lo[i], hi[i], rot[i].x, rot[i].y, rot[i].y ^ 0x80008000u);  // -sin
@@ -360,7 +481,7 @@ batch_decode(const DecodeParams p) {
 #pragma unroll
       for (int j = 0; j < 2 * KT; ++j) {
         u32 kb[4];
-        ldmatrix_x4(kb, ks_base + swizzle<HEAD_DIM>(row0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+        ldmatrix_x4(kb, ks_base + kv_offset(row0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
         mma_16816<DTypeKV>(s[j], qa[2 * kk], kb[0], kb[1]);
         mma_16816<DTypeKV>(s[j], qa[2 * kk + 1], kb[2], kb[3]);
       }
@@ -451,14 +572,22 @@ batch_decode(const DecodeParams p) {
       for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
         u32 vb[4];
         const int r = row0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4_trans(vb, vs_base + swizzle<HEAD_DIM>(r, dp * 2 + (lane >> 4)));
+        ldmatrix_x4_trans(vb, vs_base + kv_offset(r, dp * 2 + (lane >> 4)));
         mma_16816<DTypeKV>(o[2 * dp], pa[kt], vb[0], vb[1]);
         mma_16816<DTypeKV>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
       }
     }
+    } while (false);
+#if DECODE_WS
+    // This warp has read the stage for the last time: release it to the producer.
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[tile % NSTAGE]);
+#endif
   }
+#if !DECODE_WS
   cp_async_wait<0>();
-  __syncthreads();
+#endif
+  compute_sync();
 
   // Merge the four warps' states through shared memory.
   float* st_o = reinterpret_cast<float*>(smem_raw);              // [NUM_WARPS][GROUP][HEAD_DIM]
@@ -482,7 +611,7 @@ batch_decode(const DecodeParams p) {
       }
     }
   }
-  __syncthreads();
+  compute_sync();
 
   constexpr int OUT_VEC = 8;
   for (int item = tid; item < GROUP * (HEAD_DIM / OUT_VEC); item += NUM_THREADS) {
@@ -520,7 +649,7 @@ batch_decode(const DecodeParams p) {
     }
   }
   if (w.partial >= 0) {
-    __syncthreads();  // the state exchange area is reused by the merge
+    compute_sync();  // the state exchange area is reused by the merge
     merge_split_pieces<NUM_THREADS>(p, w, kv_head, tid, reinterpret_cast<float*>(smem_raw));
   }
 }

@@ -291,7 +291,7 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     let g = heads.group_size();
     let tiles = match a.path.as_str() {
-        "auto" => DecodeTiles::choose(a.head_dim, g, T::DTYPE, T::DTYPE),
+        "auto" => DecodeTiles::choose(a.head_dim, g, T::DTYPE, T::DTYPE).for_arch(dev.arch()),
         "simt" => DecodeTiles::simt(a.head_dim, g, T::DTYPE, T::DTYPE),
         "tc" => DecodeTiles::tensor_core(a.head_dim, g, T::DTYPE, T::DTYPE),
         other => return Err(format!("--path `{other}`: expected auto, simt or tc")),

@@ -164,7 +164,8 @@ impl BatchDecode {
     /// Compiles (or loads from the cache) the kernels for `cfg` and allocates a workspace.
     pub fn new(dev: &Arc<Device>, cfg: DecodeConfig) -> Result<Self> {
         let h = cfg.heads;
-        let tiles = DecodeTiles::choose(h.head_dim, h.group_size(), cfg.q_dtype, cfg.kv_dtype);
+        let tiles = DecodeTiles::choose(h.head_dim, h.group_size(), cfg.q_dtype, cfg.kv_dtype)
+            .for_arch(dev.arch());
         Self::with_tiles(dev, cfg, tiles)
     }
 
@@ -194,6 +195,11 @@ impl BatchDecode {
                  also passes their values"
             )
         })?;
+        ensure(
+            !tiles.producer_warp || dev.arch() >= crate::jit::Arch::SM90,
+            "tiles",
+            || format!("{tiles:?}: the producer-warp kernel needs sm_90 or newer"),
+        )?;
         let split = split_policy_from_env()?;
         let decode_fn = load_kernel(dev, &tiles)?;
         let workspace = Workspace::new(dev.stream(), 1 << 20)?;
@@ -276,10 +282,12 @@ impl BatchDecode {
             return Ok(());
         }
         let state = DecodeVariant::new(self.dev.stream(), self.cfg.heads, variant)?;
+        // RoPE rotates keys with every thread's help: not with the producer warp.
         let tiles = DecodeTiles {
             variant: state.kernel_flags,
             ..self.tiles
-        };
+        }
+        .with_producer_warp(self.tiles.producer_warp && !state.kernel_flags.rope);
         self.decode_fn = load_kernel(&self.dev, &tiles)?;
         self.tiles = tiles;
         self.variant = state;

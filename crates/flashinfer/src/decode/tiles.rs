@@ -8,7 +8,7 @@
 //! numbers are in docs/perf-notes.md.
 
 use crate::dtype::DType;
-use crate::jit::KernelSpec;
+use crate::jit::{Arch, KernelSpec};
 use crate::variant::VariantFlags;
 
 /// Which kernel a decode specialisation runs.
@@ -40,6 +40,10 @@ pub struct DecodeTiles {
     /// Attention variants compiled in: RoPE, soft cap, ALiBi, sinks. Set by `BatchDecode::set_variant`;
     /// a sliding window is planned, not compiled (decode/variant.rs), so `window` stays false.
     pub variant: VariantFlags,
+    /// Tensor-core path on sm_90: a fifth warp copies the tiles with bulk copies and mbarriers,
+    /// and the four computing warps never wait at a block barrier (kernels/decode_tc.cuh,
+    /// DECODE_WS). Set through [`DecodeTiles::with_producer_warp`], which also sizes its stages.
+    pub producer_warp: bool,
 }
 
 /// Threads a block aims for.
@@ -50,6 +54,12 @@ const TARGET_TILE: usize = 32;
 const SMEM_BUDGET: usize = 64 * 1024;
 /// The same for the tensor-core kernel: 96 KB, 2 blocks per SM.
 const SMEM_BUDGET_TC: usize = 96 * 1024;
+/// The same with the producer warp, whose rows are padded by 16 bytes: three 64-token stages at
+/// head_dim 128 (102 KB), still 2 blocks per SM.
+const SMEM_BUDGET_WS: usize = 105 * 1024;
+/// Bytes each K/V row of a producer-warp stage is padded by (bulk copies land unswizzled; the pad
+/// keeps ldmatrix free of bank conflicts).
+const WS_ROW_PAD: usize = 16;
 
 /// Query heads per KV head from which the tensor-core kernel is used. Measured on the H200 at
 /// 64 x 4096, bf16, head_dim 128 (docs/benchmarks.md): tensor cores win at every group size,
@@ -84,7 +94,41 @@ impl DecodeTiles {
             nstage,
             l2_prefetch: true,
             variant: VariantFlags::default(),
+            producer_warp: false,
         }
+    }
+
+    /// The engine's choice for a GPU of `arch`: the producer-warp kernel on sm_90 and newer for
+    /// head_dim up to 128 (at 256 its padded stages leave one block per SM), unless
+    /// `FLASHINFER_DECODE_WS=0` (A/B runs).
+    pub fn for_arch(self, arch: Arch) -> Self {
+        let wanted = self.path == DecodePath::TensorCore
+            && arch >= Arch::SM90
+            && self.head_dim <= 128
+            && !self.variant.rope
+            && std::env::var("FLASHINFER_DECODE_WS").map_or(true, |v| v != "0");
+        self.with_producer_warp(wanted)
+    }
+
+    /// The tensor-core kernel with (or without) its producer warp, stages resized to the budget.
+    /// Other paths are returned unchanged.
+    pub fn with_producer_warp(mut self, on: bool) -> Self {
+        if self.path != DecodePath::TensorCore || self.producer_warp == on {
+            return self;
+        }
+        self.producer_warp = on;
+        let budget = if on { SMEM_BUDGET_WS } else { SMEM_BUDGET_TC };
+        self.nstage = (budget / self.stage_bytes()).clamp(2, 4);
+        self
+    }
+
+    /// Bytes of one K and V stage.
+    fn stage_bytes(&self) -> usize {
+        2 * self.tile() * self.row_bytes()
+    }
+    /// Bytes of one K (or V) row in shared memory.
+    fn row_bytes(&self) -> usize {
+        self.head_dim * self.kv_dtype.size_bytes() + if self.producer_warp { WS_ROW_PAD } else { 0 }
     }
 
     /// The CUDA-core kernel.
@@ -106,6 +150,7 @@ impl DecodeTiles {
             nstage,
             l2_prefetch: true,
             variant: VariantFlags::default(),
+            producer_warp: false,
         }
     }
 
@@ -124,19 +169,19 @@ impl DecodeTiles {
     pub fn threads(&self) -> usize {
         match self.path {
             DecodePath::Simt => self.bdx() * self.group * self.bdz,
-            DecodePath::TensorCore => 128,
+            DecodePath::TensorCore => 128 + if self.producer_warp { 32 } else { 0 },
         }
     }
     pub fn block(&self) -> (u32, u32, u32) {
         match self.path {
             DecodePath::Simt => (self.bdx() as u32, self.group as u32, self.bdz as u32),
-            DecodePath::TensorCore => (128, 1, 1),
+            DecodePath::TensorCore => (self.threads() as u32, 1, 1),
         }
     }
 
     /// Dynamic shared memory: the K/V stages, or the end-of-kernel state exchange if larger.
     pub fn smem_bytes(&self) -> usize {
-        let stages = 2 * self.nstage * self.tile() * self.head_dim * self.kv_dtype.size_bytes();
+        let stages = self.nstage * self.stage_bytes();
         let states = match self.path {
             DecodePath::Simt => self.bdz * self.group * (self.head_dim + 2) * 4,
             DecodePath::TensorCore => 4 * (self.group * self.head_dim + 32) * 4,
@@ -168,7 +213,7 @@ impl DecodeTiles {
                 self.variant.key_suffix()
             ),
             DecodePath::TensorCore => format!(
-                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}{}{}",
+                "batch_decode_tc_q{}_kv{}_d{}_g{}_kt{}_s{}{}{}{}",
                 self.q_dtype,
                 self.kv_dtype,
                 self.head_dim,
@@ -176,6 +221,7 @@ impl DecodeTiles {
                 self.passes,
                 self.nstage,
                 self.prefetch_suffix(),
+                if self.producer_warp { "_ws" } else { "" },
                 self.variant.key_suffix()
             ),
         }
@@ -201,9 +247,10 @@ impl DecodeTiles {
     pub fn spec(&self) -> KernelSpec {
         if self.path == DecodePath::TensorCore {
             let source = format!(
-                "{pf}{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
+                "{pf}{ws}{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
                  constexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\nconstexpr int KT = {kt};\n\
                  constexpr int NSTAGE = {s};\n#include \"decode_tc.cuh\"\n",
+                ws = if self.producer_warp { "#define DECODE_WS 1\n" } else { "" },
                 q = self.q_dtype.cuda_type(),
                 kv = self.kv_dtype.cuda_type(),
                 d = self.head_dim,
@@ -213,7 +260,12 @@ impl DecodeTiles {
                 pf = self.prefetch_define(),
                 var = self.variant.defines(),
             );
-            return KernelSpec::new(self.name(), source, ["batch_decode"]);
+            let spec = KernelSpec::new(self.name(), source, ["batch_decode"]);
+            return if self.producer_warp {
+                spec.requires(Arch::SM90)
+            } else {
+                spec
+            };
         }
         let source = format!(
             "{pf}{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\nusing DTypeO = {q};\n\
@@ -249,6 +301,26 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         }
     }
     v.push(DecodeTiles::choose(128, 4, DType::F16, DType::BF16).spec());
+    // The producer-warp kernel (sm_90a): head dims 64 and 128, common and odd groups, the plain
+    // kernel and the variants it takes.
+    for dt in [DType::F16, DType::BF16] {
+        for d in [64, 128] {
+            for g in [1, 4, 5, 8, 16] {
+                v.push(
+                    DecodeTiles::tensor_core(d, g, dt, dt)
+                        .with_producer_warp(true)
+                        .spec(),
+                );
+            }
+        }
+    }
+    let ws = DecodeTiles::tensor_core(128, 4, DType::BF16, DType::BF16).with_producer_warp(true);
+    for variant in VariantFlags::singles()
+        .into_iter()
+        .filter(|f| !f.window && !f.rope)
+    {
+        v.push(DecodeTiles { variant, ..ws }.spec());
+    }
     // The variants (the window is planned, not compiled): each alone on both kernels, and all
     // together on both kernels at an odd GQA ratio and the other head dims.
     // The window is planned, not compiled; RoPE has its own list below.
