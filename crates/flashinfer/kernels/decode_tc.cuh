@@ -160,8 +160,9 @@ __device__ __forceinline__ int kv_offset(int row, int chunk) {
 }
 
 #if DECODE_WS
-__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+// Adds `bytes` to the barrier's expected transaction count of its current phase (no arrival).
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 // Copies `bytes` (a multiple of 16) from global to shared memory; completes on `bar` (its tx count).
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u64* bar) {
@@ -207,8 +208,9 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
     if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
     fence_proxy_async_smem();
     const int rows = min(TILE, w.kv_len - tile * TILE);
-    // One arrival per lane; lane 0's also expects the tile's bytes, before any copy is issued.
-    if (lane == 0) mbar_arrive_expect_tx(&full_bar[stage], (u32)(2 * rows * ROW_BYTES));
+    // The tile's bytes are expected before any copy is issued; each lane arrives once its copies
+    // are issued and its zero rows written (the arrival releases those stores).
+    if (lane == 0) mbar_expect_tx(&full_bar[stage], (u32)(2 * rows * ROW_BYTES));
     __syncwarp();
 #pragma unroll
     for (int h = 0; h < ROWS_PER_LANE; ++h) {
@@ -225,8 +227,8 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
         for (int c = 0; c < HEAD_DIM / 8; ++c) kz[c] = vz[c] = make_uint4(0, 0, 0, 0);
       }
     }
+    mbar_arrive(&full_bar[stage]);
     if (tile + 1 < num_tiles) resolve(tile + 1);
-    if (lane != 0) mbar_arrive(&full_bar[stage]);
   }
 }
 #endif

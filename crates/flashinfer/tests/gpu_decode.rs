@@ -119,10 +119,14 @@ fn run_case<Q: Element + DeviceRepr, KV: Element + DeviceRepr>(
     };
     // Both kernels (CUDA cores and tensor cores) on the same inputs.
     let g = heads.group_size();
-    for tiles in [
-        DecodeTiles::simt(c.head_dim, g, Q::DTYPE, KV::DTYPE),
-        DecodeTiles::tensor_core(c.head_dim, g, Q::DTYPE, KV::DTYPE),
-    ] {
+    // And the tensor-core kernel with its producer warp (sm_90, head_dim <= 128).
+    let tc = DecodeTiles::tensor_core(c.head_dim, g, Q::DTYPE, KV::DTYPE);
+    let ws = (dev.arch() >= flashinfer::jit::Arch::SM90 && c.head_dim <= 128)
+        .then(|| tc.with_producer_warp(true));
+    for tiles in [DecodeTiles::simt(c.head_dim, g, Q::DTYPE, KV::DTYPE), tc]
+        .into_iter()
+        .chain(ws)
+    {
         let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).unwrap();
         op.plan(&table).unwrap();
         // The split decision depends on how many blocks are resident, so it is stated for the

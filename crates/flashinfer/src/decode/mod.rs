@@ -139,6 +139,9 @@ pub struct BatchDecode {
     /// How a batch that fills the GPU by itself is split (`FLASHINFER_DECODE_SPLIT`).
     split: SplitPolicy,
     variant: DecodeVariant,
+    /// Whether the op's kernel has the producer warp when its variant allows (RoPE does not):
+    /// the choice made at creation, which `set_variant` goes back to.
+    producer_warp: bool,
 }
 
 /// The tuning knob `FLASHINFER_DECODE_SPLIT` (`old`, `new`, or `new:start=3,merge=1,...`; see
@@ -196,9 +199,17 @@ impl BatchDecode {
             )
         })?;
         ensure(
-            !tiles.producer_warp || dev.arch() >= crate::jit::Arch::SM90,
+            !tiles.producer_warp
+                || (dev.arch() >= crate::jit::Arch::SM90
+                    && tiles.head_dim <= 128
+                    && tiles.passes == 1),
             "tiles",
-            || format!("{tiles:?}: the producer-warp kernel needs sm_90 or newer"),
+            || {
+                format!(
+                    "{tiles:?}: the producer-warp kernel needs sm_90 or newer, head_dim <= 128 \
+                     and one 16-token step per warp"
+                )
+            },
         )?;
         let split = split_policy_from_env()?;
         let decode_fn = load_kernel(dev, &tiles)?;
@@ -221,6 +232,7 @@ impl BatchDecode {
             fixed_chunk: None,
             split,
             variant: DecodeVariant::default(),
+            producer_warp: tiles.producer_warp,
         })
     }
 
@@ -287,7 +299,7 @@ impl BatchDecode {
             variant: state.kernel_flags,
             ..self.tiles
         }
-        .with_producer_warp(self.tiles.producer_warp && !state.kernel_flags.rope);
+        .with_producer_warp(self.producer_warp && !state.kernel_flags.rope);
         self.decode_fn = load_kernel(&self.dev, &tiles)?;
         self.tiles = tiles;
         self.variant = state;

@@ -98,13 +98,15 @@ impl DecodeTiles {
         }
     }
 
-    /// The engine's choice for a GPU of `arch`: the producer-warp kernel on sm_90 and newer for
-    /// head_dim up to 128 (at 256 its padded stages leave one block per SM), unless
-    /// `FLASHINFER_DECODE_WS=0` (A/B runs).
+    /// The engine's choice for a GPU of `arch`: the producer-warp kernel on the data-centre
+    /// Hopper and Blackwell parts (sm_90, sm_100: 227 KB of shared memory per block; sm_120 has
+    /// 99 KB, below its 102 KB of stages) for head_dim up to 128 (at 256 its padded stages leave
+    /// one block per SM), unless `FLASHINFER_DECODE_WS=0` (A/B runs).
     pub fn for_arch(self, arch: Arch) -> Self {
         let wanted = self.path == DecodePath::TensorCore
-            && arch >= Arch::SM90
+            && matches!(arch.major, 9 | 10)
             && self.head_dim <= 128
+            && self.passes == 1
             && !self.variant.rope
             && std::env::var("FLASHINFER_DECODE_WS").map_or(true, |v| v != "0");
         self.with_producer_warp(wanted)
