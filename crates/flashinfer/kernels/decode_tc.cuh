@@ -134,110 +134,92 @@ struct RopeTableBuilder {
 };
 #endif
 
-// Producer warp (DECODE_WS, sm_90): a fifth warp copies the K/V tiles with bulk copies
-// (cp.async.bulk, one per 2 * HEAD_DIM-byte row, completing on the stage's "full" mbarrier) and
-// resolves the pages; the four warps that compute wait on "full", read the stage, and release it
-// on its "empty" mbarrier. No block barrier per tile: a stage is refilled as soon as the last warp
-// has read it, so while the warps wait for tile t, every other stage is loading (NSTAGE tiles in
-// flight, against NSTAGE - 1 issued at a block barrier). Bulk copies land unswizzled: each row is
-// padded by 16 bytes instead (ROW_STRIDE), which keeps ldmatrix free of bank conflicts.
+// Producer warp (DECODE_WS, sm_90): a fifth warp resolves the pages and copies the K/V tiles
+// with 16-byte cp.async (the same swizzled layout as the block-wide loader), and each of its
+// lanes arrives on the stage's "full" mbarrier when its copies have landed
+// (cp.async.mbarrier.arrive.noinc); the four warps that compute wait on "full", read the stage,
+// and release it on its "empty" mbarrier. No block barrier per tile: a stage is refilled as soon
+// as the last warp has read it, so while the warps wait for tile t every other stage is loading
+// (NSTAGE tiles in flight, against NSTAGE - 1 issued at a block barrier).
+// (One cp.async.bulk per 256-byte row instead measured 2.1x slower: docs/perf-notes.md.)
 #if DECODE_WS
 #include "pipeline.cuh"
 static_assert(!VARIANT_ROPE, "the producer-warp decode: RoPE rotates with every thread's help");
-constexpr int ROW_STRIDE = HEAD_DIM + 8;  // elements
-#else
-constexpr int ROW_STRIDE = HEAD_DIM;
-#endif
-constexpr int LAUNCH_THREADS = NUM_THREADS + (DECODE_WS ? 32 : 0);
-constexpr int STAGE_ELEMS = TILE * ROW_STRIDE;
-// Element offset of 16-byte chunk `chunk` of row `row` in a K or V stage.
-__device__ __forceinline__ int kv_offset(int row, int chunk) {
-#if DECODE_WS
-  return row * ROW_STRIDE + chunk * 8;
-#else
-  return swizzle<HEAD_DIM>(row, chunk);
-#endif
-}
 
-#if DECODE_WS
-// Adds `bytes` to the barrier's expected transaction count of its current phase (no arrival).
-__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-// Copies `bytes` (a multiple of 16) from global to shared memory; completes on `bar` (its tx count).
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u64* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-// Orders this thread's earlier generic-proxy accesses of shared memory before its later
-// async-proxy ones (bulk copies refilling a stage whose rows it zero-filled before).
-__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// The producer warp: every tile of the block's item into the stages, in order.
+// The producer warp: every tile of the block's item into the stages, in order. Lane l copies
+// chunk l % CHUNKS of rows l / CHUNKS + s * P_ROWS_PER_PASS (pass s); the lanes of a row group
+// resolve its rows' pages (slot j of lane c: pass c + j * CHUNKS) and pass them by shuffle.
 __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const DecodeWork& w, int kv_head, int num_tiles,
                                               DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar, u64* empty_bar,
                                               int lane) {
-  constexpr int ROW_BYTES = HEAD_DIM * (int)sizeof(DTypeKV);
-  constexpr int ROWS_PER_LANE = TILE / 32;
-  const long long head_bytes = (long long)kv_head * p.head_stride * (long long)sizeof(DTypeKV);
-  const char* k_src = reinterpret_cast<const char*>(p.k) + head_bytes;
-  const char* v_src = reinterpret_cast<const char*>(p.v) + head_bytes;
-  const u32 k_dst = smem_addr(k_smem), v_dst = smem_addr(v_smem);
-  // Byte offsets of rows lane + 32 h of a tile (-1 past the item's keys), resolved a tile ahead
+  constexpr int P_ROWS_PER_PASS = 32 / CHUNKS;
+  constexpr int P_PASSES = TILE / P_ROWS_PER_PASS;
+  constexpr int SLOTS = P_PASSES / CHUNKS;  // rows each lane resolves
+  static_assert(32 % CHUNKS == 0 && P_PASSES % CHUNKS == 0, "producer row split");
+  const int ld_row = lane / CHUNKS, ld_chunk = lane % CHUNKS;
+  // Per-lane bases: this lane's chunk of the KV head in K and in V (plus each row's byte offset).
+  const long long head_bytes = ((long long)kv_head * p.head_stride + ld_chunk * 8) * (long long)sizeof(DTypeKV);
+  const char* k_src = opaque(reinterpret_cast<const char*>(p.k) + head_bytes);
+  const char* v_src = opaque(reinterpret_cast<const char*>(p.v) + head_bytes);
+  const u32 k_dst = opaque(smem_addr(k_smem)), v_dst = opaque(smem_addr(v_smem));
+  // Byte offsets of this lane's rows of a tile (-1 past the item's keys), resolved a tile ahead
   // so that the page-id loads are in flight while the producer waits for a free stage.
-  long long off[ROWS_PER_LANE];
+  long long off[SLOTS];
   auto resolve = [&](int tile) {
 #pragma unroll
-    for (int h = 0; h < ROWS_PER_LANE; ++h) {
-      const int tok = tile * TILE + lane + 32 * h;
-      off[h] = -1;
+    for (int j = 0; j < SLOTS; ++j) {
+      const int tok = tile * TILE + ld_row + (ld_chunk + j * CHUNKS) * P_ROWS_PER_PASS;
+      off[j] = -1;
       if (tok < w.kv_len) {
         const u32 abs_tok = (u32)(w.kv_start + tok);
         const u32 page_idx = p.page_size_div.div(abs_tok);
         const int page_pos = w.page_begin + (int)page_idx;
         const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-        off[h] = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
+        off[j] = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
                  (long long)sizeof(DTypeKV);
       }
     }
+  };
+  auto dst = [&](int stage, int s) -> u32 {
+    return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row + s * P_ROWS_PER_PASS, ld_chunk)) * 2u;
   };
   if (num_tiles > 0) resolve(0);
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % NSTAGE;
     if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
-    fence_proxy_async_smem();
-    const int rows = min(TILE, w.kv_len - tile * TILE);
-    // The tile's bytes are expected before any copy is issued; each lane arrives once its copies
-    // are issued and its zero rows written (the arrival releases those stores).
-    if (lane == 0) mbar_expect_tx(&full_bar[stage], (u32)(2 * rows * ROW_BYTES));
-    __syncwarp();
+    if ((tile + 1) * TILE <= w.kv_len) {  // uniform: a whole tile, no zero-fill
 #pragma unroll
-    for (int h = 0; h < ROWS_PER_LANE; ++h) {
-      const int row = lane + 32 * h;
-      const u32 so = (u32)((stage * STAGE_ELEMS + row * ROW_STRIDE) * (int)sizeof(DTypeKV));
-      if (off[h] >= 0) {
-        bulk_copy(k_dst + so, k_src + off[h], ROW_BYTES, &full_bar[stage]);
-        bulk_copy(v_dst + so, v_src + off[h], ROW_BYTES, &full_bar[stage]);
-      } else {
-        // Past the keys (the last tile): zeros, so that P (0 there) times V stays finite.
-        uint4* kz = reinterpret_cast<uint4*>(k_smem + stage * STAGE_ELEMS + row * ROW_STRIDE);
-        uint4* vz = reinterpret_cast<uint4*>(v_smem + stage * STAGE_ELEMS + row * ROW_STRIDE);
+      for (int s = 0; s < P_PASSES; ++s) {
+        const long long o = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
+        cp_async_16_at(k_dst + dst(stage, s), k_src + o);
+        cp_async_16_at(v_dst + dst(stage, s), v_src + o);
+      }
+    } else {
+      // The last tile: rows past the keys are zero-filled (P is 0 there, and 0 * V must be finite).
 #pragma unroll
-        for (int c = 0; c < HEAD_DIM / 8; ++c) kz[c] = vz[c] = make_uint4(0, 0, 0, 0);
+      for (int s = 0; s < P_PASSES; ++s) {
+        const long long row_off = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
+        const bool ok = row_off >= 0;
+        const long long o = ok ? row_off : 0;
+        cp_async_16_at(k_dst + dst(stage, s), k_src + o, ok ? 16 : 0);
+        cp_async_16_at(v_dst + dst(stage, s), v_src + o, ok ? 16 : 0);
       }
     }
-    mbar_arrive(&full_bar[stage]);
+    cp_async_mbar_arrive(&full_bar[stage]);  // counts once this lane's copies have landed
     if (tile + 1 < num_tiles) resolve(tile + 1);
   }
+  cp_async_wait<0>();  // (the arrivals above already order the copies; nothing left in flight at exit)
 }
 #endif
+
+// The computing warps, and the producer warp with DECODE_WS.
+constexpr int LAUNCH_THREADS = NUM_THREADS + (DECODE_WS ? 32 : 0);
 
 extern "C" __global__ void __launch_bounds__(LAUNCH_THREADS)
 batch_decode(const DecodeParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
-  DTypeKV* v_smem = k_smem + NSTAGE * STAGE_ELEMS;
+  DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -434,8 +416,8 @@ batch_decode(const DecodeParams p) {
       cp_async_commit();
     }
 #endif
-    const DTypeKV* ks_base = k_smem + (tile % NSTAGE) * STAGE_ELEMS;
-    const DTypeKV* vs_base = v_smem + (tile % NSTAGE) * STAGE_ELEMS;
+    const DTypeKV* ks_base = k_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
+    const DTypeKV* vs_base = v_smem + (tile % NSTAGE) * TILE * HEAD_DIM;
     const int row0 = warp * WARP_TOKENS;                   // first tile row of this warp
     const int valid = w.kv_len - (tile * TILE + row0);      // rows of this warp in range
     // (A block, left by `break` when this warp has no rows in the tile: with the producer warp
@@ -462,8 +444,8 @@ batch_decode(const DecodeParams p) {
         }
         const int krow = row0 + j * 8 + (lane & 7);
         u32 lo[4], hi[4];
-        ldmatrix_x4(lo, ks_base + kv_offset(krow, kk * 4 + (lane >> 3)));
-        ldmatrix_x4(hi, ks_base + kv_offset(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
+        ldmatrix_x4(lo, ks_base + swizzle<HEAD_DIM>(krow, kk * 4 + (lane >> 3)));
+        ldmatrix_x4(hi, ks_base + swizzle<HEAD_DIM>(krow, (kk + HEAD_DIM / 64) * 4 + (lane >> 3)));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           rope_pair2<DTypeKV>(lo[i], hi[i], rot[i].x, rot[i].y, rot[i].y ^ 0x80008000u);  // -sin
@@ -483,7 +465,7 @@ batch_decode(const DecodeParams p) {
 #pragma unroll
       for (int j = 0; j < 2 * KT; ++j) {
         u32 kb[4];
-        ldmatrix_x4(kb, ks_base + kv_offset(row0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
+        ldmatrix_x4(kb, ks_base + swizzle<HEAD_DIM>(row0 + j * 8 + (lane & 7), kk * 4 + (lane >> 3)));
         mma_16816<DTypeKV>(s[j], qa[2 * kk], kb[0], kb[1]);
         mma_16816<DTypeKV>(s[j], qa[2 * kk + 1], kb[2], kb[3]);
       }
@@ -574,7 +556,7 @@ batch_decode(const DecodeParams p) {
       for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
         u32 vb[4];
         const int r = row0 + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4_trans(vb, vs_base + kv_offset(r, dp * 2 + (lane >> 4)));
+        ldmatrix_x4_trans(vb, vs_base + swizzle<HEAD_DIM>(r, dp * 2 + (lane >> 4)));
         mma_16816<DTypeKV>(o[2 * dp], pa[kt], vb[0], vb[1]);
         mma_16816<DTypeKV>(o[2 * dp + 1], pa[kt], vb[2], vb[3]);
       }

@@ -12,7 +12,7 @@ use flashinfer::rope::RopeApply;
 use flashinfer::variant::{rope_rotate, Rope};
 use flashinfer::{AttentionParams, DType, Element, MaskMode};
 
-use super::timing::{Stats, Timer};
+use super::timing::{Flush, Stats, Timer, ROTATE_BYTES};
 use super::variant_args::{VariantArgs, VariantValues};
 use super::{npy, parse_heads, HBM_BYTES_PER_S};
 
@@ -92,6 +92,11 @@ pub struct DecodeArgs {
     /// whatever the rest of the batch (N a positive multiple of the library's CHUNK_ALIGN, 64).
     #[arg(long, value_name = "N")]
     pub fixed_chunk: Option<usize>,
+    /// How L2 is kept cold between timed runs: `write` (a 256 MB write before each run) or
+    /// `rotate` (each run reads the next of several copies of the KV pool, 256 MB or more in
+    /// all; no flush, so no dirty lines for the timed kernel to write back).
+    #[arg(long, value_enum, default_value = "write")]
+    pub flush: Flush,
 }
 
 /// How a run applies RoPE.
@@ -346,18 +351,31 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
         }
         _ => None,
     };
+    // --flush rotate: copies of the pool beside the first, 256 MB or more in all; run i reads
+    // copy i mod n (same bytes, so the check of the first run holds for every copy).
+    let mut pools = vec![(dk, dv)];
+    if a.flush == Flush::Rotate {
+        let pool_bytes = 2 * desc.required_len() * T::DTYPE.size_bytes();
+        let copies = ROTATE_BYTES.div_ceil(pool_bytes.max(1)).max(1);
+        for _ in 1..copies {
+            pools.push((st.clone_htod(&k).map_err(d)?, st.clone_htod(&v).map_err(d)?));
+        }
+    }
+    let mut run_index = 0usize;
     let mut run_once = |dout: &mut flashinfer::cuda::CudaSlice<T>| {
+        let (dk, dv) = &pools[run_index % pools.len()];
+        run_index += 1;
         let (q_in, k_in) = match &mut separate {
             Some(sep) => {
-                sep.run(&st, &dq, &dk, &desc)?;
+                sep.run(&st, &dq, dk, &desc)?;
                 (&sep.q_rot, &sep.k_rot)
             }
-            None => (&dq, &dk),
+            None => (&dq, dk),
         };
         op.run(
             DevSlice::new(q_in, &st),
             DevSlice::new(k_in, &st),
-            DevSlice::new(&dv, &st),
+            DevSlice::new(dv, &st),
             &desc,
             DevSlice::new(&di, &st),
             DevSliceMut::new(dout, &st),
@@ -383,8 +401,10 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
         save(dir, &a, &lens, &table, &desc, &q, &k, &v, &out, hq)?;
     }
 
+    let stats =
+        Timer::with_flush(&dev, a.flush)?.time(a.warmup, a.runs.max(30), || run_once(&mut dout))?;
+    // (Graph replays always follow a 256 MB write: their N caches are N distinct pools.)
     let mut timer = Timer::new(&dev)?;
-    let stats = timer.time(a.warmup, a.runs.max(30), || run_once(&mut dout))?;
     let graph = match a.graph_layers {
         Some(layers) => Some(time_graph_layers::<T>(
             &a, layers, &dev, cfg, &tiles, &table, &desc, heads, &mut rng, &mut timer,
@@ -415,10 +435,10 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{},\"fixed_chunk\":{}{}}}",
+            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{},\"fixed_chunk\":{},\"flush\":\"{}\"{}}}",
             dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
             op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len(), rope_mode.name(),
-            variant.json(), a.fixed_chunk.map_or("null".to_string(), |n| n.to_string()),
+            variant.json(), a.fixed_chunk.map_or("null".to_string(), |n| n.to_string()), a.flush.name(),
             graph.as_ref().map_or(String::new(), |g| g.json(&stats))
         );
     } else {

@@ -6,10 +6,32 @@ use flashinfer::cuda::{sys, CudaSlice, Device, DriverError};
 
 /// Bytes written between runs to evict the 60 MB L2 (DESIGN.md: a 256 MB write).
 const FLUSH_BYTES: usize = 256 << 20;
+/// DESIGN.md's other method: runs rotate over copies of the inputs that together exceed this
+/// (4 x the 60 MB L2), so no run finds its inputs in L2 and no flush is needed.
+pub const ROTATE_BYTES: usize = 256 << 20;
+
+/// How the L2 is kept cold between timed runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flush {
+    /// A 256 MB write before each run. It leaves L2 full of dirty lines, which the timed kernel
+    /// then writes back to DRAM as its reads evict them (up to 60 MB of extra traffic).
+    Write,
+    /// No flush: the caller rotates over copies of its inputs of `ROTATE_BYTES` or more in all.
+    Rotate,
+}
+
+impl Flush {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flush::Write => "write",
+            Flush::Rotate => "rotate",
+        }
+    }
+}
 
 pub struct Timer {
     dev: Arc<Device>,
-    flush: CudaSlice<u8>,
+    flush: Option<CudaSlice<u8>>,
 }
 
 /// Timing summary in microseconds.
@@ -22,18 +44,29 @@ pub struct Stats {
 }
 
 impl Timer {
+    /// A timer that writes 256 MB before each run.
     pub fn new(dev: &Arc<Device>) -> Result<Self, String> {
-        let flush = dev
-            .stream()
-            .alloc_zeros::<u8>(FLUSH_BYTES)
-            .map_err(|e| e.to_string())?;
+        Self::with_flush(dev, Flush::Write)
+    }
+
+    /// A timer with the given flush (with `Flush::Rotate`, the timed closure rotates its inputs).
+    pub fn with_flush(dev: &Arc<Device>, flush: Flush) -> Result<Self, String> {
+        let flush = match flush {
+            Flush::Write => Some(
+                dev.stream()
+                    .alloc_zeros::<u8>(FLUSH_BYTES)
+                    .map_err(|e| e.to_string())?,
+            ),
+            Flush::Rotate => None,
+        };
         Ok(Self {
             dev: dev.clone(),
             flush,
         })
     }
 
-    /// Runs `f` `warmup` times, then `runs` times each after an L2 flush, timing only `f`.
+    /// Runs `f` `warmup` times, then `runs` times each after an L2 flush (if this timer writes
+    /// one), timing only `f`.
     pub fn time(
         &mut self,
         warmup: usize,
@@ -49,7 +82,9 @@ impl Timer {
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::with_capacity(runs);
         for _ in 0..runs {
-            stream.memset_zeros(&mut self.flush).map_err(e)?;
+            if let Some(flush) = &mut self.flush {
+                stream.memset_zeros(flush).map_err(e)?;
+            }
             let start = ctx.new_event(flags).map_err(e)?;
             let end = ctx.new_event(flags).map_err(e)?;
             start.record(&stream).map_err(e)?;

@@ -40,7 +40,7 @@ pub struct DecodeTiles {
     /// Attention variants compiled in: RoPE, soft cap, ALiBi, sinks. Set by `BatchDecode::set_variant`;
     /// a sliding window is planned, not compiled (decode/variant.rs), so `window` stays false.
     pub variant: VariantFlags,
-    /// Tensor-core path on sm_90: a fifth warp copies the tiles with bulk copies and mbarriers,
+    /// Tensor-core path on sm_90: a fifth warp copies the tiles (cp.async onto mbarriers),
     /// and the four computing warps never wait at a block barrier (kernels/decode_tc.cuh,
     /// DECODE_WS). Set through [`DecodeTiles::with_producer_warp`], which also sizes its stages.
     pub producer_warp: bool,
@@ -54,12 +54,8 @@ const TARGET_TILE: usize = 32;
 const SMEM_BUDGET: usize = 64 * 1024;
 /// The same for the tensor-core kernel: 96 KB, 2 blocks per SM.
 const SMEM_BUDGET_TC: usize = 96 * 1024;
-/// The same with the producer warp, whose rows are padded by 16 bytes: three 64-token stages at
-/// head_dim 128 (102 KB), still 2 blocks per SM.
-const SMEM_BUDGET_WS: usize = 105 * 1024;
-/// Bytes each K/V row of a producer-warp stage is padded by (bulk copies land unswizzled; the pad
-/// keeps ldmatrix free of bank conflicts).
-const WS_ROW_PAD: usize = 16;
+/// The same with the producer warp: three 64-token stages at head_dim 128, 2 blocks per SM.
+const SMEM_BUDGET_WS: usize = 96 * 1024;
 
 /// Query heads per KV head from which the tensor-core kernel is used. Measured on the H200 at
 /// 64 x 4096, bf16, head_dim 128 (docs/benchmarks.md): tensor cores win at every group size,
@@ -99,9 +95,9 @@ impl DecodeTiles {
     }
 
     /// The engine's choice for a GPU of `arch`: the producer-warp kernel on the data-centre
-    /// Hopper and Blackwell parts (sm_90, sm_100: 227 KB of shared memory per block; sm_120 has
-    /// 99 KB, below its 102 KB of stages) for head_dim up to 128 (at 256 its padded stages leave
-    /// one block per SM), unless `FLASHINFER_DECODE_WS=0` (A/B runs).
+    /// Hopper and Blackwell parts (sm_90, sm_100: where it was measured and tested; sm_120's 99 KB
+    /// per block leave one block per SM) for head_dim up to 128 (at 256 two stages leave one
+    /// block per SM), unless `FLASHINFER_DECODE_WS=0` (A/B runs).
     pub fn for_arch(self, arch: Arch) -> Self {
         let wanted = self.path == DecodePath::TensorCore
             && matches!(arch.major, 9 | 10)
@@ -130,7 +126,7 @@ impl DecodeTiles {
     }
     /// Bytes of one K (or V) row in shared memory.
     fn row_bytes(&self) -> usize {
-        self.head_dim * self.kv_dtype.size_bytes() + if self.producer_warp { WS_ROW_PAD } else { 0 }
+        self.head_dim * self.kv_dtype.size_bytes()
     }
 
     /// The CUDA-core kernel.
