@@ -97,8 +97,10 @@ for g in $groups; do
   other)
     timeout 120 "$fi" bench plan >"$out/plan.txt" 2>&1
     for op in BatchDecode BatchPrefill; do
+      # As a serving step calls it (stream idle), and back to back (the line after it).
       us=$(grep "$op::plan" "$out/plan.txt" | grep -o '[0-9.]* us' | head -1 | cut -d' ' -f1)
-      row 5 "$op::plan, 256 requests (µs)" "${us:-failed}" "≤ 20" "$(at_most "${us:-inf}" 20)"
+      b2b=$(grep -A1 "$op::plan" "$out/plan.txt" | tail -1 | grep -o '[0-9.]* us' | head -1 | cut -d' ' -f1)
+      row 5 "$op::plan, 256 requests (µs; back to back: ${b2b:-?})" "${us:-failed}" "≤ 20" "$(at_most "${us:-inf}" 20)"
     done
     timeout 300 "$fi" bench decode --graph-layers 32 >"$out/graph.txt" 2>&1
     row 5 "32-layer decode graph, per layer" "$(grep -i 'per layer' "$out/graph.txt" | head -1 | tr -s ' ' | cut -c1-80)" "within 5 %" "see text"
