@@ -94,7 +94,8 @@ pub struct DecodeArgs {
     pub fixed_chunk: Option<usize>,
     /// How L2 is kept cold between timed runs: `write` (a 256 MB write before each run) or
     /// `rotate` (each run reads the next of several copies of the KV pool, 256 MB or more in
-    /// all; no flush, so no dirty lines for the timed kernel to write back).
+    /// all, after an untimed run on another copy; no flush, so no dirty lines for the timed
+    /// kernel to write back).
     #[arg(long, value_enum, default_value = "write")]
     pub flush: Flush,
 }
@@ -356,7 +357,8 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     let mut pools = vec![(dk, dv)];
     if a.flush == Flush::Rotate {
         let pool_bytes = 2 * desc.required_len() * T::DTYPE.size_bytes();
-        let copies = ROTATE_BYTES.div_ceil(pool_bytes.max(1)).max(1);
+        // At least two: the untimed call before each timed one reads the other copy.
+        let copies = ROTATE_BYTES.div_ceil(pool_bytes.max(1)).max(2);
         for _ in 1..copies {
             pools.push((st.clone_htod(&k).map_err(d)?, st.clone_htod(&v).map_err(d)?));
         }
