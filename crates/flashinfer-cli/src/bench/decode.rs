@@ -63,9 +63,13 @@ pub struct DecodeArgs {
     /// Override the tensor-core kernel's 16-token steps per warp per tile (tuning).
     #[arg(long)]
     pub kt: Option<usize>,
-    /// Turn off the L2 prefetch hint of the KV copies (tuning).
-    #[arg(long)]
+    /// Turn off the L2 prefetch hint of the KV copies (tuning; the producer-warp kernel runs
+    /// without it anyway).
+    #[arg(long, conflicts_with = "prefetch")]
     pub no_prefetch: bool,
+    /// Turn on the L2 prefetch hint of the KV copies (tuning; the block-wide loaders have it).
+    #[arg(long)]
+    pub prefetch: bool,
     /// Give requests consecutive page ids instead of a shuffled pool (how most published decode
     /// benchmarks lay out the cache; a real cache after some churn is shuffled).
     #[arg(long)]
@@ -309,7 +313,12 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     if let (Some(kt), flashinfer::decode::DecodePath::TensorCore) = (a.kt, tiles.path) {
         tiles.passes = kt;
     }
-    tiles.l2_prefetch = !a.no_prefetch;
+    if a.no_prefetch {
+        tiles.l2_prefetch = false;
+    }
+    if a.prefetch {
+        tiles.l2_prefetch = true;
+    }
     let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).map_err(err)?;
     // The separate pass does the rotation of --rope-separate; the decode the rest.
     let op_variant = match rope_mode {

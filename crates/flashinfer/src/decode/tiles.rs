@@ -35,7 +35,8 @@ pub struct DecodeTiles {
     pub passes: usize,
     /// cp.async pipeline depth.
     pub nstage: usize,
-    /// Ask L2 to prefetch 256 bytes around each copy (`cp.async ... .L2::256B`).
+    /// Ask L2 to prefetch 256 bytes around each copy (`cp.async ... .L2::256B`): on for the
+    /// block-wide loaders, off with the producer warp (`with_producer_warp`).
     pub l2_prefetch: bool,
     /// Attention variants compiled in: RoPE, soft cap, ALiBi, sinks. Set by `BatchDecode::set_variant`;
     /// a sliding window is planned, not compiled (decode/variant.rs), so `window` stays false.
@@ -117,6 +118,10 @@ impl DecodeTiles {
         self.producer_warp = on;
         let budget = if on { SMEM_BUDGET_WS } else { SMEM_BUDGET_TC };
         self.nstage = (budget / self.stage_bytes()).clamp(2, 4);
+        // The L2 prefetch hint helps the block-wide loader and hurts the producer warp: without
+        // it, 64 x 4096 256.3 against 265.9 us, 128 x 8192 982.5 against 1021.2, every other
+        // decode shape equal or faster (docs/perf-notes.md, session 7).
+        self.l2_prefetch = !on;
         self
     }
 
