@@ -101,11 +101,7 @@ batch_decode(const DecodeParams p) {
     for (int s = 0; s < PASSES; ++s) {
       int tok = t * TILE + load_row + s * ROWS_PER_PASS;
       if (tok < w.kv_len) {
-        u32 abs_tok = (u32)(w.kv_start + tok);
-        u32 page_idx = p.page_size_div.div(abs_tok);
-        int page_pos = w.page_begin + (int)page_idx;
-        int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-        row_off[s] = (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride + head_off;
+        row_off[s] = key_offset(p, w, tok) + head_off;
       } else {
         row_off[s] = -1;
       }

@@ -78,6 +78,17 @@ __device__ __forceinline__ void compute_sync() {
 #endif
 }
 
+// Element offset in the page pool of key `tok` (< w.kv_len) of the work item: its page (through
+// the page table, or page_begin + i without one) and its slot in the page. Every decode loader
+// resolves its rows here; the head's offset is the caller's.
+__device__ __forceinline__ long long key_offset(const DecodeParams& p, const DecodeWork& w, int tok) {
+  const u32 abs_tok = (u32)(w.kv_start + tok);
+  const u32 page_idx = p.page_size_div.div(abs_tok);
+  const int page_pos = w.page_begin + (int)page_idx;
+  const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
+  return (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride;
+}
+
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
 __device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return block_item(p) < *p.num_work; }
 

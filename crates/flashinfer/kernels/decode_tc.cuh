@@ -170,14 +170,7 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
     for (int j = 0; j < SLOTS; ++j) {
       const int tok = tile * TILE + ld_row + (ld_chunk + j * CHUNKS) * P_ROWS_PER_PASS;
       off[j] = -1;
-      if (tok < w.kv_len) {
-        const u32 abs_tok = (u32)(w.kv_start + tok);
-        const u32 page_idx = p.page_size_div.div(abs_tok);
-        const int page_pos = w.page_begin + (int)page_idx;
-        const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-        off[j] = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
-                 (long long)sizeof(DTypeKV);
-      }
+      if (tok < w.kv_len) off[j] = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
     }
   };
   auto dst = [&](int stage, int s) -> u32 {
@@ -346,14 +339,7 @@ batch_decode(const DecodeParams p) {
   auto resolve_rows = [&](int tile) {
     my_off = -1;
     const int tok = tile * TILE + ld_row + ld_chunk * ROWS_PER_PASS;
-    if (ld_chunk < PASSES && tok < w.kv_len) {
-      const u32 abs_tok = (u32)(w.kv_start + tok);
-      const u32 page_idx = p.page_size_div.div(abs_tok);
-      const int page_pos = w.page_begin + (int)page_idx;
-      const int page = p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-      my_off = ((long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride) *
-               (long long)sizeof(DTypeKV);
-    }
+    if (ld_chunk < PASSES && tok < w.kv_len) my_off = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
   };
   // A stage's byte offset of pass s of this thread's rows.
   auto pass_dst = [&](int stage, int s) -> u32 {
