@@ -7,9 +7,7 @@
 mod support;
 
 use flashinfer::cuda::{DevSlice, DevSliceMut, DeviceRepr, Graph};
-use flashinfer::decode::{
-    BatchDecode, DecodeConfig, DecodePath, DecodeTiles, GraphLimits, SingleDecode,
-};
+use flashinfer::decode::{BatchDecode, DecodeConfig, DecodePath, GraphLimits, SingleDecode};
 use flashinfer::layout::{HeadConfig, KvLayout, PageTable, PagedKv, PagedKvDesc};
 use flashinfer::reference::{self, rel_l2_error};
 use flashinfer::{AttentionParams, Element, LseBase};
@@ -117,16 +115,10 @@ fn run_case<Q: Element + DeviceRepr, KV: Element + DeviceRepr>(
         params,
         allow_split: c.allow_split,
     };
-    // Both kernels (CUDA cores and tensor cores) on the same inputs.
+    // Every kernel (CUDA cores, tensor cores, with its producer warp where it fits) on the same
+    // inputs.
     let g = heads.group_size();
-    // And the tensor-core kernel with its producer warp (sm_90, head_dim <= 128).
-    let tc = DecodeTiles::tensor_core(c.head_dim, g, Q::DTYPE, KV::DTYPE);
-    let ws = (dev.arch() >= flashinfer::jit::Arch::SM90 && c.head_dim <= 128)
-        .then(|| tc.with_producer_warp(true));
-    for tiles in [DecodeTiles::simt(c.head_dim, g, Q::DTYPE, KV::DTYPE), tc]
-        .into_iter()
-        .chain(ws)
-    {
+    for tiles in decode_kernels(&dev, c.head_dim, g, Q::DTYPE, KV::DTYPE) {
         let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).unwrap();
         op.plan(&table).unwrap();
         // The split decision depends on how many blocks are resident, so it is stated for the

@@ -220,15 +220,9 @@ fn run_case<T: Element + DeviceRepr>(c: &Case, rng: &mut flashinfer::random::Spl
             params,
             allow_split: c.allow_split,
         };
-        // And the tensor-core kernel with its producer warp (sm_90, head_dim <= 128, no RoPE:
-        // set_variant drops it for RoPE).
-        let tc = DecodeTiles::tensor_core(c.head_dim, g, T::DTYPE, T::DTYPE);
-        let ws = (dev.arch() >= flashinfer::jit::Arch::SM90 && c.head_dim <= 128)
-            .then(|| tc.with_producer_warp(true));
-        for tiles in [DecodeTiles::simt(c.head_dim, g, T::DTYPE, T::DTYPE), tc]
-            .into_iter()
-            .chain(ws)
-        {
+        // Every kernel, the producer-warp one included where it fits (set_variant drops the
+        // producer warp for RoPE).
+        for tiles in decode_kernels(&dev, c.head_dim, g, T::DTYPE, T::DTYPE) {
             let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).unwrap();
             op.set_variant(&variant).unwrap();
             assert_eq!(op.tiles().path, tiles.path, "set_variant keeps the path");

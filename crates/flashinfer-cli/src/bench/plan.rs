@@ -34,15 +34,8 @@ pub struct PlanArgs {
     pub reps: usize,
 }
 
-fn median_us(reps: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64() * 1e6);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+fn median_us(reps: usize, f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    median_us_after(reps, || Ok(()), f)
 }
 
 /// The median of `f`'s host time when `before` (untimed) runs ahead of every call.

@@ -7,8 +7,8 @@ use flashinfer::cuda::{sys, CudaSlice, Device, DriverError};
 /// Bytes written between runs to evict the 60 MB L2 (DESIGN.md: a 256 MB write).
 const FLUSH_BYTES: usize = 256 << 20;
 /// DESIGN.md's other method: runs rotate over copies of the inputs that together exceed this
-/// (4 x the 60 MB L2), so no run finds its inputs in L2 and no flush is needed.
-pub const ROTATE_BYTES: usize = 256 << 20;
+/// (the flush's size, over 4 x the 60 MB L2), so no run finds its inputs in L2.
+pub const ROTATE_BYTES: usize = FLUSH_BYTES;
 
 /// How the L2 is kept cold between timed runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

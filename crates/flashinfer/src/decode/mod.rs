@@ -199,10 +199,7 @@ impl BatchDecode {
             )
         })?;
         ensure(
-            !tiles.producer_warp
-                || (dev.arch() >= crate::jit::Arch::SM90
-                    && tiles.head_dim <= 128
-                    && tiles.passes == 1),
+            !tiles.producer_warp || tiles.producer_warp_fits(dev.arch()),
             "tiles",
             || {
                 format!(

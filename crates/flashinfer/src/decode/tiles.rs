@@ -100,13 +100,21 @@ impl DecodeTiles {
     /// per block leave one block per SM) for head_dim up to 128 (at 256 two stages leave one
     /// block per SM), unless `FLASHINFER_DECODE_WS=0` (A/B runs).
     pub fn for_arch(self, arch: Arch) -> Self {
-        let wanted = self.path == DecodePath::TensorCore
+        let wanted = self.producer_warp_fits(arch)
             && matches!(arch.major, 9 | 10)
-            && self.head_dim <= 128
-            && self.passes == 1
             && !self.variant.rope
             && std::env::var("FLASHINFER_DECODE_WS").map_or(true, |v| v != "0");
         self.with_producer_warp(wanted)
+    }
+
+    /// Whether the producer-warp kernel can be built for these tiles on a GPU of `arch`: the
+    /// tensor-core path, sm_90 or newer (mbarriers), head_dim up to 128, one 16-token step per
+    /// warp. (`for_arch` is the engine's narrower choice among these.)
+    pub fn producer_warp_fits(&self, arch: Arch) -> bool {
+        self.path == DecodePath::TensorCore
+            && arch >= Arch::SM90
+            && self.head_dim <= 128
+            && self.passes == 1
     }
 
     /// The tensor-core kernel with (or without) its producer warp, stages resized to the budget.

@@ -9,6 +9,26 @@ use flashinfer::cuda::{CudaSlice, Device};
 use flashinfer::random::SplitMix64;
 use flashinfer::Element;
 
+/// The decode kernels a GPU test runs each case on: CUDA cores, tensor cores, and the tensor-core
+/// kernel with its producer warp where it fits this GPU and head_dim.
+pub fn decode_kernels(
+    dev: &Device,
+    head_dim: usize,
+    group: usize,
+    q: flashinfer::DType,
+    kv: flashinfer::DType,
+) -> Vec<flashinfer::decode::DecodeTiles> {
+    use flashinfer::decode::DecodeTiles;
+    let tc = DecodeTiles::tensor_core(head_dim, group, q, kv);
+    let ws = tc
+        .producer_warp_fits(dev.arch())
+        .then(|| tc.with_producer_warp(true));
+    [DecodeTiles::simt(head_dim, group, q, kv), tc]
+        .into_iter()
+        .chain(ws)
+        .collect()
+}
+
 /// The GPU the tests run on. GPU tests never pass by skipping: no GPU is a failure.
 pub fn device() -> Arc<Device> {
     Device::new(0).unwrap_or_else(|e| panic!("GPU test without a usable GPU: {e}"))
