@@ -27,12 +27,8 @@ constexpr int NUM_THREADS = NUM_WARPS * 32;  // the warps that compute
 constexpr int WARP_TOKENS = 16 * KT;
 constexpr int TILE = NUM_WARPS * WARP_TOKENS;
 constexpr int CHUNKS = HEAD_DIM / 8;             // 16-byte chunks per row
-constexpr int ROWS_PER_PASS = NUM_THREADS / CHUNKS;
-constexpr int PASSES = TILE / ROWS_PER_PASS;
 static_assert(sizeof(DTypeKV) == 2, "tensor-core decode needs 16-bit KV");
 static_assert(GROUP <= 16, "at most 16 query heads per KV head");
-static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
-static_assert(PASSES <= CHUNKS && CHUNKS <= 32, "one lane of a row group resolves each pass");
 
 #if VARIANT_ROPE
 // RoPE (decode_variant.cuh), on the K fragments in registers: no shared-memory pass over K.
@@ -134,6 +130,75 @@ struct RopeTableBuilder {
 };
 #endif
 
+// The K/V tile loader, run by THREADS threads (the whole block, or the producer warp): thread i
+// copies chunk i % CHUNKS of rows i / CHUNKS + s * ROWS_PER_PASS (pass s). The CHUNKS lanes sharing
+// a row set resolve each of its rows' pages once: lane c resolves pass c + j * CHUNKS (its slot
+// j), and the others take the offset by shuffle (a page lookup costs a dependent load and a
+// divide). The copies' addresses: per-thread bases (this thread's chunk of the KV head in K and in
+// V; the stages' shared addresses) plus each row's byte offset, so that a copy costs the shuffle,
+// one 64-bit add and the copy itself (the bases are opaque to the compiler, which otherwise
+// rebuilds them from their parts at every copy); whole tiles skip the zero-fill's source size.
+template <int THREADS>
+struct TileLoader {
+  static constexpr int ROWS_PER_PASS = THREADS / CHUNKS;
+  static constexpr int PASSES = TILE / ROWS_PER_PASS;
+  static constexpr int SLOTS = (PASSES + CHUNKS - 1) / CHUNKS;  // rows each lane resolves
+  static_assert(THREADS % CHUNKS == 0 && TILE % ROWS_PER_PASS == 0, "tile rows must split evenly over the threads");
+  static_assert((PASSES <= CHUNKS || PASSES % CHUNKS == 0) && CHUNKS <= 32, "the lanes of a row group resolve every pass");
+  int ld_row, ld_chunk;
+  const char *k_src, *v_src;
+  u32 k_dst, v_dst;
+  long long off[SLOTS];  // byte offsets of this lane's rows (-1 past the item's keys)
+
+  __device__ __forceinline__ TileLoader(const DecodeParams& p, int kv_head, int i, DTypeKV* k_smem, DTypeKV* v_smem)
+      : ld_row(i / CHUNKS), ld_chunk(i % CHUNKS) {
+    const long long head_bytes = ((long long)kv_head * p.head_stride + ld_chunk * 8) * (long long)sizeof(DTypeKV);
+    k_src = opaque(reinterpret_cast<const char*>(p.k) + head_bytes);
+    v_src = opaque(reinterpret_cast<const char*>(p.v) + head_bytes);
+    k_dst = opaque(smem_addr(k_smem));
+    v_dst = opaque(smem_addr(v_smem));
+  }
+  // This lane's rows of tile `tile` of the work item.
+  __device__ __forceinline__ void resolve(const DecodeParams& p, const DecodeWork& w, int tile) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+      const int pass = ld_chunk + j * CHUNKS;
+      const int tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
+      off[j] = -1;
+      if (pass < PASSES && tok < w.kv_len) off[j] = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
+    }
+  }
+  // A stage's byte offset of pass s of this thread's rows.
+  __device__ __forceinline__ u32 dst(int stage, int s) const {
+    // (Passes 8 rows apart keep the row's swizzle: a constant step from pass 0.)
+    if constexpr (ROWS_PER_PASS % 8 == 0)
+      return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row, ld_chunk) + s * ROWS_PER_PASS * HEAD_DIM) * 2u;
+    return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row + s * ROWS_PER_PASS, ld_chunk)) * 2u;
+  }
+  // The copies of the tile resolved last into `stage`; `whole_tile`: every row of it is in range
+  // (uniform over the threads).
+  __device__ __forceinline__ void issue(int stage, bool whole_tile) const {
+    if (whole_tile) {  // uniform: two loops, so that neither issues the other's instructions
+#pragma unroll
+      for (int s = 0; s < PASSES; ++s) {
+        const long long o = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
+        cp_async_16_at(k_dst + dst(stage, s), k_src + o);
+        cp_async_16_at(v_dst + dst(stage, s), v_src + o);
+      }
+    } else {
+      // Rows past the keys are zero-filled (P is 0 there, and 0 * V must be finite).
+#pragma unroll
+      for (int s = 0; s < PASSES; ++s) {
+        const long long row_off = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
+        const bool ok = row_off >= 0;
+        const long long o = ok ? row_off : 0;
+        cp_async_16_at(k_dst + dst(stage, s), k_src + o, ok ? 16 : 0);
+        cp_async_16_at(v_dst + dst(stage, s), v_src + o, ok ? 16 : 0);
+      }
+    }
+  }
+};
+
 // Producer warp (DECODE_WS, sm_90): a fifth warp resolves the pages and copies the K/V tiles
 // with 16-byte cp.async (the same swizzled layout as the block-wide loader), and each of its
 // lanes arrives on the stage's "full" mbarrier when its copies have landed
@@ -146,60 +211,21 @@ struct RopeTableBuilder {
 #include "pipeline.cuh"
 static_assert(!VARIANT_ROPE, "the producer-warp decode: RoPE rotates with every thread's help");
 
-// The producer warp: every tile of the block's item into the stages, in order. Lane l copies
-// chunk l % CHUNKS of rows l / CHUNKS + s * P_ROWS_PER_PASS (pass s); the lanes of a row group
-// resolve its rows' pages (slot j of lane c: pass c + j * CHUNKS) and pass them by shuffle.
+// The producer warp: every tile of the block's item into the stages, in order, each lane arriving
+// on the stage's "full" barrier once its copies have landed.
 __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const DecodeWork& w, int kv_head, int num_tiles,
                                               DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar, u64* empty_bar,
                                               int lane) {
-  constexpr int P_ROWS_PER_PASS = 32 / CHUNKS;
-  constexpr int P_PASSES = TILE / P_ROWS_PER_PASS;
-  constexpr int SLOTS = P_PASSES / CHUNKS;  // rows each lane resolves
-  static_assert(32 % CHUNKS == 0 && P_PASSES % CHUNKS == 0, "producer row split");
-  const int ld_row = lane / CHUNKS, ld_chunk = lane % CHUNKS;
-  // Per-lane bases: this lane's chunk of the KV head in K and in V (plus each row's byte offset).
-  const long long head_bytes = ((long long)kv_head * p.head_stride + ld_chunk * 8) * (long long)sizeof(DTypeKV);
-  const char* k_src = opaque(reinterpret_cast<const char*>(p.k) + head_bytes);
-  const char* v_src = opaque(reinterpret_cast<const char*>(p.v) + head_bytes);
-  const u32 k_dst = opaque(smem_addr(k_smem)), v_dst = opaque(smem_addr(v_smem));
-  // Byte offsets of this lane's rows of a tile (-1 past the item's keys), resolved a tile ahead
-  // so that the page-id loads are in flight while the producer waits for a free stage.
-  long long off[SLOTS];
-  auto resolve = [&](int tile) {
-#pragma unroll
-    for (int j = 0; j < SLOTS; ++j) {
-      const int tok = tile * TILE + ld_row + (ld_chunk + j * CHUNKS) * P_ROWS_PER_PASS;
-      off[j] = -1;
-      if (tok < w.kv_len) off[j] = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
-    }
-  };
-  auto dst = [&](int stage, int s) -> u32 {
-    return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row + s * P_ROWS_PER_PASS, ld_chunk)) * 2u;
-  };
-  if (num_tiles > 0) resolve(0);
+  TileLoader<32> ld(p, kv_head, lane, k_smem, v_smem);
+  // Rows are resolved a tile ahead, so that the page-id loads are in flight while the producer
+  // waits for a free stage.
+  if (num_tiles > 0) ld.resolve(p, w, 0);
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % NSTAGE;
     if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
-    if ((tile + 1) * TILE <= w.kv_len) {  // uniform: a whole tile, no zero-fill
-#pragma unroll
-      for (int s = 0; s < P_PASSES; ++s) {
-        const long long o = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
-        cp_async_16_at(k_dst + dst(stage, s), k_src + o);
-        cp_async_16_at(v_dst + dst(stage, s), v_src + o);
-      }
-    } else {
-      // The last tile: rows past the keys are zero-filled (P is 0 there, and 0 * V must be finite).
-#pragma unroll
-      for (int s = 0; s < P_PASSES; ++s) {
-        const long long row_off = __shfl_sync(0xffffffffu, off[s / CHUNKS], s % CHUNKS, CHUNKS);
-        const bool ok = row_off >= 0;
-        const long long o = ok ? row_off : 0;
-        cp_async_16_at(k_dst + dst(stage, s), k_src + o, ok ? 16 : 0);
-        cp_async_16_at(v_dst + dst(stage, s), v_src + o, ok ? 16 : 0);
-      }
-    }
+    ld.issue(stage, (tile + 1) * TILE <= w.kv_len);
     cp_async_mbar_arrive(&full_bar[stage]);  // counts once this lane's copies have landed
-    if (tile + 1 < num_tiles) resolve(tile + 1);
+    if (tile + 1 < num_tiles) ld.resolve(p, w, tile + 1);
   }
   cp_async_wait<0>();  // (the arrivals above already order the copies; nothing left in flight at exit)
 }
@@ -323,59 +349,15 @@ batch_decode(const DecodeParams p) {
 
   const int num_tiles = (w.kv_len + TILE - 1) / TILE;
 #if !DECODE_WS
-  // Loader: thread copies chunk (tid % CHUNKS) of rows tid / CHUNKS + s * ROWS_PER_PASS. The CHUNKS
-  // lanes sharing a row set resolve its page once: lane s of the group resolves the row of pass s,
-  // and the others take the offset by shuffle (a page lookup costs a dependent load and a divide).
-  // The copies' addresses: per-thread bases (this thread's chunk of the KV head in K and in V; its
-  // row and chunk in stage 0) plus each row's byte offset, so that a copy costs the shuffle, one
-  // 64-bit add and the copy itself (the bases are opaque to the compiler, which otherwise rebuilds
-  // them from their parts at every copy); whole tiles skip the zero-fill's source size.
-  const int ld_chunk = tid % CHUNKS, ld_row = tid / CHUNKS;
-  const long long head_bytes = ((long long)kv_head * p.head_stride + ld_chunk * 8) * (long long)sizeof(DTypeKV);
-  const char* k_src = opaque(reinterpret_cast<const char*>(p.k) + head_bytes);
-  const char* v_src = opaque(reinterpret_cast<const char*>(p.v) + head_bytes);
-  const u32 k_dst = opaque(smem_addr(k_smem)), v_dst = opaque(smem_addr(v_smem));
-  long long my_off = -1;  // byte offset of the row of pass ld_chunk (when ld_chunk < PASSES)
-  auto resolve_rows = [&](int tile) {
-    my_off = -1;
-    const int tok = tile * TILE + ld_row + ld_chunk * ROWS_PER_PASS;
-    if (ld_chunk < PASSES && tok < w.kv_len) my_off = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
-  };
-  // A stage's byte offset of pass s of this thread's rows.
-  auto pass_dst = [&](int stage, int s) -> u32 {
-    // (Passes 8 rows apart keep the row's swizzle: a constant step from pass 0.)
-    if constexpr (ROWS_PER_PASS % 8 == 0)
-      return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row, ld_chunk) + s * ROWS_PER_PASS * HEAD_DIM) * 2u;
-    return (u32)(stage * TILE * HEAD_DIM + swizzle<HEAD_DIM>(ld_row + s * ROWS_PER_PASS, ld_chunk)) * 2u;
-  };
-  auto issue_tile = [&](int stage, bool whole) {
-    if (whole) {  // uniform: two loops, so that neither issues the other's instructions
-#pragma unroll
-      for (int s = 0; s < PASSES; ++s) {
-        const long long off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
-        cp_async_16_at(k_dst + pass_dst(stage, s), k_src + off);
-        cp_async_16_at(v_dst + pass_dst(stage, s), v_src + off);
-      }
-    } else {
-#pragma unroll
-      for (int s = 0; s < PASSES; ++s) {
-        const long long row_off = __shfl_sync(0xffffffffu, my_off, s, CHUNKS);
-        const bool ok = row_off >= 0;
-        const long long off = ok ? row_off : 0;
-        cp_async_16_at(k_dst + pass_dst(stage, s), k_src + off, ok ? 16 : 0);
-        cp_async_16_at(v_dst + pass_dst(stage, s), v_src + off, ok ? 16 : 0);
-      }
-    }
-  };
+  TileLoader<NUM_THREADS> ld(p, kv_head, tid, k_smem, v_smem);
   // Whether every row of tile `tile` is in range (uniform over the block).
   auto whole_tile = [&](int tile) { return (tile + 1) * TILE <= w.kv_len; };
-
-  resolve_rows(0);
+  ld.resolve(p, w, 0);
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < num_tiles) {
-      issue_tile(s, whole_tile(s));
-      resolve_rows(s + 1);
+      ld.issue(s, whole_tile(s));
+      ld.resolve(p, w, s + 1);
     }
     cp_async_commit();
   }
@@ -396,8 +378,8 @@ batch_decode(const DecodeParams p) {
     {
       const int next = tile + NSTAGE - 1;
       if (next < num_tiles) {
-        issue_tile(next % NSTAGE, whole_tile(next));
-        resolve_rows(next + 1);
+        ld.issue(next % NSTAGE, whole_tile(next));
+        ld.resolve(p, w, next + 1);
       }
       cp_async_commit();
     }
