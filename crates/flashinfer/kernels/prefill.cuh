@@ -74,6 +74,14 @@
 #ifndef PREFILL_PINGPONG
 #define PREFILL_PINGPONG 0
 #endif
+// Intra-warpgroup overlap (with PREFILL_WS, as FA3's IntraWGOverlap): a warpgroup issues tile n's
+// QK^T and tile n - 1's PV together, then runs tile n's softmax while the tensor cores do both, so
+// the softmax (and a variant's extra work on the logits) hides behind this warpgroup's own GEMMs,
+// not only behind the other warpgroups'. A stage is released after its PV, one step later; the
+// cost is a second P fragment in registers (KV_TILE / 4 per thread).
+#ifndef PREFILL_OVERLAP
+#define PREFILL_OVERLAP 0
+#endif
 #if PREFILL_WS
 #include "pipeline.cuh"
 #endif
@@ -160,6 +168,7 @@ static_assert(KV_TILE == 64 || KV_TILE == 128, "wgmma: 64 or 128 keys per tile")
 #if PREFILL_PERSISTENT
 static_assert(PREFILL_WS, "persistent blocks: with the producer warpgroup only");
 #endif
+static_assert(!PREFILL_OVERLAP || PREFILL_WS, "intra-warpgroup overlap: with the producer warpgroup only");
 constexpr int Q_BUFFERS = PREFILL_PERSISTENT ? 2 : 1;
 #if PREFILL_WS
 static_assert(PREFILL_WGMMA, "warp specialisation: the wgmma backend only");
@@ -811,6 +820,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
 #else
   const int compute_tiles = num_tiles;
 #endif
+#if PREFILL_OVERLAP
+  // The previous tile's P (the A operand of its PV, issued with this tile's QK^T) and its stage.
+  u32 pa_prev[KV_TILE / 16][4];
+  int stage_prev = 0;
+#endif
   for (int tile = 0; tile < compute_tiles; ++tile) {
     const int stage = (kv_seq + tile) % NSTAGE;
 #if PREFILL_WS
@@ -878,7 +892,9 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
     // (Never taken with wgmma, whose single key slice starts inside every tile: the
     // warp-specialised loop must reach its release of the stage; WARPS_KV == 1 is asserted.)
+#if !PREFILL_OVERLAP
     if (key0 >= kv_stop) continue;
+#endif
     const DTypeKV* ks = k_smem + stage * KV_TILE * HEAD_DIM;
     const DTypeKV* vs = v_smem + stage * KV_TILE * HEAD_DIM;
     const int srow0 = warp_kv * WARP_KV;  // first stage row of this warp
@@ -922,10 +938,27 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
         wgmma_ss<DTypeKV, KV_TILE>(s[0], da, db);
       }
       wgmma_commit();
+#if PREFILL_OVERLAP
+      // The previous tile's P V, queued behind this QK^T: it runs during this tile's softmax.
+      // (On the first tile the group is empty; one shape for every tile keeps ptxas's view of
+      // the wgmma pipeline simple: a wait for the older group is a wait for the QK^T.)
+      if (tile > 0) {
+        const DTypeKV* vp = v_smem + stage_prev * KV_TILE * HEAD_DIM;
+#pragma unroll
+        for (int kt = 0; kt < KV_TILE / 16; ++kt)
+          wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa_prev[kt], sw128_desc(vp + kt * 16 * 64, KV_TILE * 128, 1024));
+      }
+      wgmma_commit();
+#endif
 #if PREFILL_PINGPONG
       named_barrier_arrive<256>(6 + (pp_wg + 1) % PP_WGS);  // the next warpgroup's turn
 #endif
+#if PREFILL_OVERLAP
+      wgmma_wait<1>();  // QK^T done; the P V may still run
+      wgmma_fence_operand(s[0]);
+#else
       wgmma_wait<0>();
+#endif
     }
 #else
 #pragma unroll
@@ -1087,6 +1120,18 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       }
     }
 #endif
+#if PREFILL_OVERLAP
+    // The previous tile's P V is done: O may be rescaled, and its stage goes back to the producer.
+    // (The wait is unconditional, with nothing pending on the first tile, so that ptxas sees every
+    // path to O's reads wait for the P V; otherwise it serialises every wgmma.)
+    wgmma_wait<0>();
+    wgmma_fence_operand(o[0]);
+    wgmma_fence_operand(pa_prev);  // read until here, so this tile's P has registers of its own
+    if (tile > 0) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_bar[stage_prev]);
+    }
+#endif
     // Rescale O only when some row's max moved (most tiles of a long row leave it); the vote is
     // uniform over the warp.
     if (__any_sync(0xffffffffu, moved)) {
@@ -1102,7 +1147,14 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 
     // O += P V.
-#if PREFILL_WGMMA
+#if PREFILL_OVERLAP
+    // Issued with the next tile's QK^T, or after the loop for the last tile.
+#pragma unroll
+    for (int kt = 0; kt < KV_TILE / 16; ++kt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa_prev[kt][i] = pa[0][kt][i];
+    stage_prev = stage;
+#elif PREFILL_WGMMA
     {
       // V is MN-major for this product (dims contiguous): 64-dim blocks are KV_TILE * 128 bytes
       // apart, groups of 8 keys 1024 bytes; each wgmma takes 16 keys.
@@ -1135,6 +1187,21 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     }
 #endif
   }
+#if PREFILL_OVERLAP
+  // The last tile's P V.
+  if (compute_tiles > 0) {
+    wgmma_fence();
+    const DTypeKV* vp = v_smem + stage_prev * KV_TILE * HEAD_DIM;
+#pragma unroll
+    for (int kt = 0; kt < KV_TILE / 16; ++kt)
+      wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa_prev[kt], sw128_desc(vp + kt * 16 * 64, KV_TILE * 128, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operand(o[0]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[stage_prev]);
+  }
+#endif
 #if PREFILL_PERSISTENT
   // Epilogue from registers (the producer may be refilling every stage already): each warp
   // normalises its rows, writes them as 16-bit values into its warpgroup's own rows of this

@@ -41,6 +41,25 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the
 // async proxy that wgmma reads through; call before the barrier that publishes them.
+// Pins an accumulator's registers in program order (an empty asm that "writes" each one), so that
+// the compiler cannot move their reads or writes across a wgmma_wait (CUTLASS's
+// warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+}
+// The same for an A fragment in registers: a later write of the same values (the next tile's P)
+// cannot then share its registers while an issued wgmma may still read them.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(u32 (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // d (64 x N) += A (64 x 16, K-major, shared) * B (16 x N, K-major, shared).

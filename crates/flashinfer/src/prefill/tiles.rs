@@ -425,7 +425,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -441,8 +441,15 @@ impl PrefillTiles {
             if self.l2_lookahead { "_la" } else { "" },
             if self.warp_specialized { "_ws" } else { "" },
             if self.persistent { "_p" } else { "" },
+            if self.intra_wg_overlap() { "_ov" } else { "" },
             self.variant.key_suffix()
         )
+    }
+
+    /// Whether each consumer warpgroup overlaps its softmax with its own GEMMs (kernels/prefill.cuh,
+    /// PREFILL_OVERLAP): producer-warpgroup kernels, when `FLASHINFER_PREFILL_OVERLAP=1`.
+    pub fn intra_wg_overlap(&self) -> bool {
+        self.warp_specialized && overlap()
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -453,7 +460,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_OVERLAP {ov}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -480,6 +487,7 @@ impl PrefillTiles {
             rs = u32::from(self.persistent && racecheck_shadow()),
             // The consumer warpgroups take turns issuing their QK^T GEMMs (see `pingpong`).
             pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
+            ov = u32::from(self.intra_wg_overlap()),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -501,6 +509,12 @@ impl PrefillTiles {
 /// docs/perf-notes.md). It changes the source, so either setting has its own cache entries.
 fn pingpong() -> bool {
     std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
+}
+
+/// Intra-warpgroup overlap for producer-warpgroup kernels: `FLASHINFER_PREFILL_OVERLAP=1` (an
+/// experiment; off by default).
+fn overlap() -> bool {
+    std::env::var("FLASHINFER_PREFILL_OVERLAP").is_ok_and(|v| v == "1")
 }
 
 /// Whether persistent kernels repeat their mbarrier orderings as named barriers, which
