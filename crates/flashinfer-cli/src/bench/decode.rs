@@ -306,7 +306,13 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
         "tc" => DecodeTiles::tensor_core(a.head_dim, g, T::DTYPE, T::DTYPE),
         other => return Err(format!("--path `{other}`: expected auto, simt or tc")),
     };
-    let mut tiles = tiles;
+    // Fused RoPE runs without the producer warp (BatchDecode::set_variant): leave it now, so that
+    // the tuning flags below apply to the kernel that runs (set_variant keeps them then).
+    let mut tiles = if rope_mode == RopeMode::Fused {
+        tiles.for_fused_rope()
+    } else {
+        tiles
+    };
     if let Some(n) = a.nstage {
         tiles.nstage = n;
     }

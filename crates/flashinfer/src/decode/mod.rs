@@ -295,8 +295,12 @@ impl BatchDecode {
         let tiles = DecodeTiles {
             variant: state.kernel_flags,
             ..self.tiles
-        }
-        .with_producer_warp(self.producer_warp && !state.kernel_flags.rope);
+        };
+        let tiles = if state.kernel_flags.rope {
+            tiles.for_fused_rope()
+        } else {
+            tiles.with_producer_warp(self.producer_warp)
+        };
         self.decode_fn = load_kernel(&self.dev, &tiles)?;
         self.tiles = tiles;
         self.variant = state;

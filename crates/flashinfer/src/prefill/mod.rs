@@ -492,6 +492,7 @@ impl BatchPrefill {
             (false, Some(_)) => PrefillTiles {
                 warp_specialized: false,
                 persistent: false,
+                intra_wg_overlap: false,
                 ..t
             },
             (false, None) => t.without_producer(),

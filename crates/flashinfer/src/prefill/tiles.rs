@@ -99,6 +99,11 @@ pub struct PrefillTiles {
     /// with the producer; never for a plan with split KV or a CUDA-graph op (the op turns them
     /// off there).
     pub persistent: bool,
+    /// Intra-warpgroup overlap (with the producer warpgroup): each computing warpgroup issues
+    /// one tile's QK^T with the previous tile's PV and runs the softmax behind both
+    /// (kernels/prefill.cuh, PREFILL_OVERLAP). [`PrefillTiles::choose`] takes it for three
+    /// warpgroups of 64-key stages, with four stages (a stage is held one step longer).
+    pub intra_wg_overlap: bool,
 }
 
 /// Head dims the prefill kernel is built for.
@@ -156,6 +161,12 @@ impl PrefillTiles {
     ) -> Self {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
             let (wg, kv_tile, nstage) = wgmma_shape(packed_qo_len);
+            // Three warpgroups of 64-key stages overlap each one's softmax with its own GEMMs,
+            // with a fourth stage (H200, causal, TFLOP/s: 16 x 1024 351.1 -> 372.6, 4 x 4096
+            // 511.7 -> 530.4 against the engine's shapes without it; docs/perf-notes.md, session
+            // 8). Not the 128-key shapes: three warpgroups spill there, two gain nothing.
+            let intra_wg_overlap = wg == 3 && kv_tile == 64 && overlap_allowed();
+            let nstage = if intra_wg_overlap { 4 } else { nstage };
             // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s at the same shape,
             // the cascade's shared level 124 -> 103 us. Persistent blocks that claim items
             // from a counter: 16 x 1024 315 -> 336, 1 x 8192 549 -> 567 (docs/perf-notes.md);
@@ -163,6 +174,7 @@ impl PrefillTiles {
             return Self {
                 warp_specialized: true,
                 persistent: true,
+                intra_wg_overlap,
                 nstage,
                 ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
             };
@@ -206,6 +218,7 @@ impl PrefillTiles {
             user: 0,
             warp_specialized: false,
             persistent: false,
+            intra_wg_overlap: false,
         }
     }
 
@@ -251,6 +264,7 @@ impl PrefillTiles {
             user: 0,
             warp_specialized: false,
             persistent: false,
+            intra_wg_overlap: false,
         }
     }
 
@@ -296,6 +310,9 @@ impl PrefillTiles {
         if self.persistent && !self.warp_specialized {
             return bad("persistent blocks need the producer warpgroup".into());
         }
+        if self.intra_wg_overlap && !self.warp_specialized {
+            return bad("intra-warpgroup overlap needs the producer warpgroup".into());
+        }
         if self.warp_specialized && !self.wgmma {
             return bad("warp specialisation needs the wgmma backend".into());
         }
@@ -339,6 +356,7 @@ impl PrefillTiles {
         Self {
             warp_specialized: false,
             persistent: false,
+            intra_wg_overlap: false,
             kv_tile,
             nstage: 2,
             ..self
@@ -441,16 +459,11 @@ impl PrefillTiles {
             if self.l2_lookahead { "_la" } else { "" },
             if self.warp_specialized { "_ws" } else { "" },
             if self.persistent { "_p" } else { "" },
-            if self.intra_wg_overlap() { "_ov" } else { "" },
+            if self.intra_wg_overlap { "_ov" } else { "" },
             self.variant.key_suffix()
         )
     }
 
-    /// Whether each consumer warpgroup overlaps its softmax with its own GEMMs (kernels/prefill.cuh,
-    /// PREFILL_OVERLAP): producer-warpgroup kernels, when `FLASHINFER_PREFILL_OVERLAP=1`.
-    pub fn intra_wg_overlap(&self) -> bool {
-        self.warp_specialized && overlap()
-    }
 
     pub fn spec(&self) -> KernelSpec {
         self.spec_with(None)
@@ -487,7 +500,7 @@ impl PrefillTiles {
             rs = u32::from(self.persistent && racecheck_shadow()),
             // The consumer warpgroups take turns issuing their QK^T GEMMs (see `pingpong`).
             pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
-            ov = u32::from(self.intra_wg_overlap()),
+            ov = u32::from(self.intra_wg_overlap),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -511,10 +524,10 @@ fn pingpong() -> bool {
     std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
 }
 
-/// Intra-warpgroup overlap for producer-warpgroup kernels: `FLASHINFER_PREFILL_OVERLAP=1` (an
-/// experiment; off by default).
-fn overlap() -> bool {
-    std::env::var("FLASHINFER_PREFILL_OVERLAP").is_ok_and(|v| v == "1")
+/// Whether [`PrefillTiles::choose`] may take intra-warpgroup overlap: yes unless
+/// `FLASHINFER_PREFILL_OVERLAP=0`, which exists for A/B runs.
+fn overlap_allowed() -> bool {
+    std::env::var("FLASHINFER_PREFILL_OVERLAP").map_or(true, |v| v != "0")
 }
 
 /// Whether persistent kernels repeat their mbarrier orderings as named barriers, which
@@ -555,9 +568,10 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     for (wg, kt) in [(1, 64), (2, 128), (3, 64)] {
                         v.push(PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt).spec());
                     }
-                    for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3), (3, 128, 2)] {
+                    for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 4), (3, 128, 2)] {
                         let mut t = PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt);
                         t.warp_specialized = true;
+                        t.intra_wg_overlap = wg == 3 && kt == 64;
                         t.nstage = ns;
                         v.push(t.spec());
                         t.persistent = true;
@@ -581,16 +595,21 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             t.variant = flags;
             v.push(t.spec());
         }
-        // The producer-warpgroup prompt shape, persistent or not (three warpgroups whose
-        // logits a variant transforms are not: `persistent_pays`), with every variant it can
+        // The producer-warpgroup prompt shapes (long prompts: 128-key stages; shorter ones:
+        // 64-key stages with intra-warpgroup overlap), persistent or not (three warpgroups whose
+        // logits a variant transforms are not: `persistent_pays`), with every variant they can
         // take.
-        let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, 128);
-        t.warp_specialized = true;
-        t.variant = flags;
-        if t.can_specialise_warps() {
-            v.push(t.spec());
-            t.persistent = true;
-            v.push(t.spec());
+        for (kt, ns) in [(128, 2), (64, 4)] {
+            let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, kt);
+            t.warp_specialized = true;
+            t.intra_wg_overlap = kt == 64;
+            t.nstage = ns;
+            t.variant = flags;
+            if t.can_specialise_warps() {
+                v.push(t.spec());
+                t.persistent = true;
+                v.push(t.spec());
+            }
         }
     }
     // The cascade's shared levels: the L2 look-ahead, on the shapes they choose (paged, no mask),
