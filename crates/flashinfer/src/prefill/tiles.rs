@@ -464,7 +464,6 @@ impl PrefillTiles {
         )
     }
 
-
     pub fn spec(&self) -> KernelSpec {
         self.spec_with(None)
     }
