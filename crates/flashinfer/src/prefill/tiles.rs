@@ -20,7 +20,8 @@
 //! ([`PrefillTiles::warp_specialized`]): blocks of one, two or three computing warpgroups of 64
 //! rows ([`wgmma_shape`]: the least padded time). Prompts take three (CTA_Q 192, 512 threads with
 //! the producer, one block per SM, 160 registers per computing thread after `setmaxnreg`), with
-//! three 64-key stages, or two 128-key stages from [`LONG_PACKED_ROWS`] packed rows per request;
+//! four 64-key stages with intra-warpgroup overlap ([`PrefillTiles::intra_wg_overlap`]), or two
+//! 128-key stages from [`LONG_PACKED_ROWS`] packed rows per request;
 //! two warpgroups take 128-key stages, one warpgroup 64 (two blocks per SM). Variants that cannot
 //! have a producer (RoPE, user query/key transforms) take [`PrefillTiles::without_producer`].
 //! Those blocks are persistent ([`PrefillTiles::persistent`]): one per SM, claiming (item, head)
@@ -119,11 +120,13 @@ const WGMMA_SHAPES: [(usize, usize, usize, f64); 3] = [
     (3, 64, 3, 1.0),
 ];
 
-/// Packed rows per request from which three warpgroups take two 128-key stages instead of three
-/// 64-key ones: fewer, longer copies and half the barrier round trips per key (1 x 8192 at GQA 4,
-/// 32768 rows: 550.0 against 503.5 TFLOP/s), but a longer diagonal tile and pipeline fill, which
-/// shorter prompts feel (16 x 1024, 4096 rows: 292.6 against 315.6).
-pub const LONG_PACKED_ROWS: usize = 16384;
+/// Packed rows per request from which three warpgroups take two 128-key stages instead of four
+/// 64-key ones with intra-warpgroup overlap: fewer, longer copies and half the barrier round trips
+/// per key, but a longer diagonal tile and pipeline fill, which shorter prompts feel. H200,
+/// causal, TFLOP/s, 128-key against 64-key with overlap: 1 x 16384 (65536 rows) 605.0 / 540.1,
+/// 1 x 8192 (32768) 570.2 / 569.9, 4 x 4096 (16384) 511.7 / 530.4, 16 x 1024 (4096) 292.6 (session
+/// 4) / 371.6 (docs/perf-notes.md, session 8).
+pub const LONG_PACKED_ROWS: usize = 32768;
 
 /// Warpgroups (64 rows each) per block, keys per stage and stages for requests of `packed_qo_len`
 /// rows: the shape with the least time per request, counting the padding of its last tile.
