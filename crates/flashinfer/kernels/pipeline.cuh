@@ -24,6 +24,13 @@ __device__ __forceinline__ void mbar_arrive(u64* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// A consumer warp has read stage `stage` for the last time: one arrival per warp (lane 0, after
+// the warp's reads) on the stage's "empty" mbarrier, which counts warps.
+__device__ __forceinline__ void release_stage(u64* empty, int stage) {
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) mbar_arrive(&empty[stage]);
+}
+
 // The barrier counts one arrival when every cp.async this thread issued before has completed.
 __device__ __forceinline__ void cp_async_mbar_arrive(u64* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");

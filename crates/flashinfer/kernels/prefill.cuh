@@ -237,6 +237,18 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 #endif
 }
 
+#if PREFILL_WGMMA
+// O += P V for one stage (issued, not waited for). V is MN-major for this product (dims
+// contiguous): 64-dim blocks are KV_TILE * 128 bytes apart, groups of 8 keys 1024 bytes; each
+// wgmma takes 16 keys.
+__device__ __forceinline__ void issue_pv(float (&o)[HEAD_DIM / 8][4], const u32 (&pa)[KV_TILE / 16][4],
+                                         const DTypeKV* vs) {
+#pragma unroll
+  for (int kt = 0; kt < KV_TILE / 16; ++kt)
+    wgmma_rs<DTypeKV, HEAD_DIM>(o, pa[kt], sw128_desc(vs + kt * 16 * 64, KV_TILE * 128, 1024));
+}
+#endif
+
 #define MASK_NONE 0
 #define MASK_CAUSAL 1
 #define MASK_CUSTOM 2
@@ -812,8 +824,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int stage = (kv_seq + tile) % NSTAGE;
       mbar_wait(&full_bar[stage], ((kv_seq + tile) / NSTAGE) & 1);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[stage]);
+      release_stage(empty_bar, stage);
     }
   }
   const int compute_tiles = wg_idle ? 0 : num_tiles;
@@ -892,12 +903,17 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
     // (Never taken with wgmma, whose single key slice starts inside every tile: the
     // warp-specialised loop must reach its release of the stage; WARPS_KV == 1 is asserted.)
+    // (Compiled out with the overlap, whose chain of previous P and stage must see every tile.)
 #if !PREFILL_OVERLAP
     if (key0 >= kv_stop) continue;
 #endif
     const DTypeKV* ks = k_smem + stage * KV_TILE * HEAD_DIM;
+#if !PREFILL_OVERLAP
     const DTypeKV* vs = v_smem + stage * KV_TILE * HEAD_DIM;
+#endif
+#if !PREFILL_WGMMA
     const int srow0 = warp_kv * WARP_KV;  // first stage row of this warp
+#endif
 
     // S = Q K^T: M_TILES x NT_KV tiles of 16 x 8.
     float s[M_TILES][NT_KV][4];
@@ -942,12 +958,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       // The previous tile's P V, queued behind this QK^T: it runs during this tile's softmax.
       // (On the first tile the group is empty; one shape for every tile keeps ptxas's view of
       // the wgmma pipeline simple: a wait for the older group is a wait for the QK^T.)
-      if (tile > 0) {
-        const DTypeKV* vp = v_smem + stage_prev * KV_TILE * HEAD_DIM;
-#pragma unroll
-        for (int kt = 0; kt < KV_TILE / 16; ++kt)
-          wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa_prev[kt], sw128_desc(vp + kt * 16 * 64, KV_TILE * 128, 1024));
-      }
+      if (tile > 0) issue_pv(o[0], pa_prev, v_smem + stage_prev * KV_TILE * HEAD_DIM);
       wgmma_commit();
 #endif
 #if PREFILL_PINGPONG
@@ -1127,10 +1138,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     wgmma_wait<0>();
     wgmma_fence_operand(o[0]);
     wgmma_fence_operand(pa_prev);  // read until here, so this tile's P has registers of its own
-    if (tile > 0) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[stage_prev]);
-    }
+    if (tile > 0) release_stage(empty_bar, stage_prev);
 #endif
     // Rescale O only when some row's max moved (most tiles of a long row leave it); the vote is
     // uniform over the warp.
@@ -1156,18 +1164,12 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     stage_prev = stage;
 #elif PREFILL_WGMMA
     {
-      // V is MN-major for this product (dims contiguous): 64-dim blocks are KV_TILE * 128 bytes
-      // apart, groups of 8 keys 1024 bytes; each wgmma takes 16 keys.
       wgmma_fence();
-#pragma unroll
-      for (int kt = 0; kt < KV_TILE / 16; ++kt)
-        wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa[0][kt], sw128_desc(vs + kt * 16 * 64, KV_TILE * 128, 1024));
+      issue_pv(o[0], pa[0], vs);
       wgmma_commit();
       wgmma_wait<0>();
 #if PREFILL_WS
-      // This warp has read the stage for the last time: release it to the producer.
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[stage]);
+      release_stage(empty_bar, stage);  // this warp has read the stage for the last time
 #endif
     }
 #else
@@ -1191,15 +1193,11 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   // The last tile's P V.
   if (compute_tiles > 0) {
     wgmma_fence();
-    const DTypeKV* vp = v_smem + stage_prev * KV_TILE * HEAD_DIM;
-#pragma unroll
-    for (int kt = 0; kt < KV_TILE / 16; ++kt)
-      wgmma_rs<DTypeKV, HEAD_DIM>(o[0], pa_prev[kt], sw128_desc(vp + kt * 16 * 64, KV_TILE * 128, 1024));
+    issue_pv(o[0], pa_prev, v_smem + stage_prev * KV_TILE * HEAD_DIM);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operand(o[0]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty_bar[stage_prev]);
+    release_stage(empty_bar, stage_prev);
   }
 #endif
 #if PREFILL_PERSISTENT

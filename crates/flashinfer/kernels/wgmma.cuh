@@ -39,8 +39,6 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the
-// async proxy that wgmma reads through; call before the barrier that publishes them.
 // Pins an accumulator's registers in program order (an empty asm that "writes" each one), so that
 // the compiler cannot move their reads or writes across a wgmma_wait (CUTLASS's
 // warpgroup_fence_operand).
@@ -60,6 +58,8 @@ __device__ __forceinline__ void wgmma_fence_operand(u32 (&a)[N][4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
+// Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the
+// async proxy that wgmma reads through; call before the barrier that publishes them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // d (64 x N) += A (64 x 16, K-major, shared) * B (16 x N, K-major, shared).

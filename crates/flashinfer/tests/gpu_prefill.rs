@@ -662,6 +662,15 @@ fn ws(
     Some(t)
 }
 
+/// The same with intra-warpgroup overlap (the engine's shape for shorter prompts: three
+/// warpgroups, four 64-key stages).
+fn ws_overlap(d: usize, g: usize, paged: bool, mask: PrefillMask) -> Option<PrefillTiles> {
+    ws(d, g, paged, mask, 3, 64, 4).map(|t| PrefillTiles {
+        intra_wg_overlap: true,
+        ..t
+    })
+}
+
 /// The producer-warpgroup (warp-specialised) wgmma kernel in each block shape it runs in, on small
 /// cases (one tile shape each, no sweep) that compute-sanitizer's racecheck finishes quickly: the
 /// mbarrier pipeline, the consumers-only barriers of the epilogue, a split merge, a custom mask
@@ -686,6 +695,16 @@ fn gpu_prefill_producer_sanitizer_cases() {
         c.tiles = ws(128, 4, false, PrefillMask::Causal, wg, kt, ns);
         run_case::<half::bf16>(&c, &mut rng);
     }
+    let mut c = case(
+        vec![100, 0, 30],
+        vec![100, 5, 300],
+        0,
+        (8, 2),
+        128,
+        Mask::Causal,
+    );
+    c.tiles = ws_overlap(128, 4, false, PrefillMask::Causal);
+    run_case::<half::bf16>(&c, &mut rng);
     let mut c = case(vec![3], vec![700], 5, (8, 2), 64, Mask::Causal);
     c.expect_split = Some(true);
     c.tiles = ws(64, 4, true, PrefillMask::Causal, 1, 64, 2);
@@ -731,6 +750,9 @@ fn gpu_prefill_persistent_cases() {
         c.tiles = persistent(ws(128, 4, true, PrefillMask::Causal, wg, kt, ns));
         run_case::<half::bf16>(&c, &mut rng);
     }
+    let mut c = case(lens.clone(), kv.clone(), 16, (32, 8), 128, Mask::Causal);
+    c.tiles = persistent(ws_overlap(128, 4, true, PrefillMask::Causal));
+    run_case::<half::bf16>(&c, &mut rng);
     let mut c = case(lens.clone(), kv.clone(), 0, (8, 8), 64, Mask::CustomRandom);
     c.tiles = persistent(ws(64, 1, false, PrefillMask::Custom, 3, 128, 2));
     run_case::<half::bf16>(&c, &mut rng);

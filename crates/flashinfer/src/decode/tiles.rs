@@ -136,7 +136,8 @@ impl DecodeTiles {
     /// The kernel for fused RoPE, which rotates keys with every thread's help and so runs the
     /// block-wide loader: where the producer warp was chosen (sm_90+), without the L2 prefetch
     /// hint too, which costs RoPE what it costs the producer warp (H200, 64 x 4096: 262.8 against
-    /// 272.1 us with it; plain 251.2; docs/perf-notes.md, session 8). Other tiles unchanged.
+    /// 272.1 us with it; plain 251.2; docs/perf-notes.md, session 8). Other tiles unchanged: with
+    /// `FLASHINFER_DECODE_WS=0` (no producer warp chosen) RoPE keeps the block-wide loader's hint.
     pub fn for_fused_rope(self) -> Self {
         if !self.producer_warp {
             return self;

@@ -103,7 +103,9 @@ pub struct PrefillTiles {
     /// Intra-warpgroup overlap (with the producer warpgroup): each computing warpgroup issues
     /// one tile's QK^T with the previous tile's PV and runs the softmax behind both
     /// (kernels/prefill.cuh, PREFILL_OVERLAP). [`PrefillTiles::choose`] takes it for three
-    /// warpgroups of 64-key stages, with four stages (a stage is held one step longer).
+    /// warpgroups of 64-key stages, with four stages: a stage is held one step longer, so two
+    /// stages, which [`PrefillTiles::check`] allows, starve the producer (two warpgroups of
+    /// 128-key stages: 487.6 -> 340.2 TFLOP/s at 1 x 8192; docs/perf-notes.md, session 8).
     pub intra_wg_overlap: bool,
 }
 
@@ -165,7 +167,7 @@ impl PrefillTiles {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
             let (wg, kv_tile, nstage) = wgmma_shape(packed_qo_len);
             // Three warpgroups of 64-key stages overlap each one's softmax with its own GEMMs,
-            // with a fourth stage (H200, causal, TFLOP/s: 16 x 1024 351.1 -> 372.6, 4 x 4096
+            // with a fourth stage (H200, causal, TFLOP/s: 16 x 1024 350.6 -> 371.6, 4 x 4096
             // 511.7 -> 530.4 against the engine's shapes without it; docs/perf-notes.md, session
             // 8). Not the 128-key shapes: three warpgroups spill there, two gain nothing.
             let intra_wg_overlap = wg == 3 && kv_tile == 64 && overlap_allowed();
@@ -617,11 +619,12 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
     // The cascade's shared levels: the L2 look-ahead, on the shapes they choose (paged, no mask),
     // with and without the producer warpgroup (RoPE turns it off).
     for dt in [DType::F16, DType::BF16] {
-        for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3)] {
+        for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 4)] {
             let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::None, wg, kt);
             t.l2_lookahead = true;
             v.push(t.without_producer().spec());
             t.warp_specialized = true;
+            t.intra_wg_overlap = wg == 3;
             t.nstage = ns;
             v.push(t.spec());
             t.persistent = true;
@@ -655,6 +658,11 @@ mod tests {
         };
         let prompt = choose(4096);
         assert!(prompt.warp_specialized && prompt.persistent && prompt.warps_q == 12);
+        // Shorter prompts: 64-key stages with intra-warpgroup overlap, four of them; long ones:
+        // two 128-key stages without it.
+        assert!(prompt.intra_wg_overlap && prompt.kv_tile == 64 && prompt.nstage == 4);
+        let long = choose(LONG_PACKED_ROWS);
+        assert!(!long.intra_wg_overlap && long.kv_tile == 128 && long.nstage == 2);
         assert!(prompt.persistent_pays(None));
         let mut user = UserVariant {
             name: "scaled".into(),
@@ -687,7 +695,7 @@ mod tests {
     #[test]
     fn tiles_fit_hopper() {
         for d in HEAD_DIMS {
-            for packed in [1, 16, 17, 64, 65, 100_000] {
+            for packed in [1, 16, 17, 64, 65, 4096, 100_000] {
                 for arch in [Arch::SM80, Arch::SM90] {
                     let t = PrefillTiles::choose(
                         d,
