@@ -82,6 +82,10 @@ pub struct PrefillArgs {
     /// Force the warps that split each key tile (tuning; mma.sync's 16-row tile).
     #[arg(long)]
     pub warps_kv: Option<usize>,
+    /// Intra-warpgroup overlap on forced tiles (tuning; with `--backend wgmma` and the producer
+    /// warpgroup). The engine's own choice has it for three warpgroups of 64-key stages.
+    #[arg(long)]
+    pub overlap: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Attention variants (--softcap, --window, --alibi, --sinks, --rope), in any combination.
@@ -236,8 +240,11 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     if !variant.is_plain() {
         op.set_variant(&variant.variant()).map_err(err)?;
     }
-    let tuned =
-        a.cta_q.is_some() || a.kv_tile.is_some() || a.nstage.is_some() || a.warps_kv.is_some();
+    let tuned = a.cta_q.is_some()
+        || a.kv_tile.is_some()
+        || a.nstage.is_some()
+        || a.warps_kv.is_some()
+        || a.overlap;
     if tuned || a.backend != "auto" {
         let mut t = match a.backend.as_str() {
             "wgmma" => PrefillTiles::wgmma(
@@ -276,6 +283,11 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
         }
         if let Some(w) = a.warps_kv {
             t.warps_kv = w;
+        }
+        if a.overlap {
+            // The forced tiles take the producer warpgroup with it (the op's --ws decides last).
+            t.warp_specialized = true;
+            t.intra_wg_overlap = true;
         }
         op.force_tiles(Some(t)).map_err(err)?;
     }
