@@ -665,10 +665,7 @@ fn ws(
 /// The same with intra-warpgroup overlap (the engine's shape for shorter prompts: three
 /// warpgroups, four 64-key stages).
 fn ws_overlap(d: usize, g: usize, paged: bool, mask: PrefillMask) -> Option<PrefillTiles> {
-    ws(d, g, paged, mask, 3, 64, 4).map(|t| PrefillTiles {
-        intra_wg_overlap: true,
-        ..t
-    })
+    ws(d, g, paged, mask, 3, 64, 4).map(PrefillTiles::with_intra_wg_overlap)
 }
 
 /// The producer-warpgroup (warp-specialised) wgmma kernel in each block shape it runs in, on small
@@ -683,7 +680,14 @@ fn gpu_prefill_producer_sanitizer_cases() {
         return;
     }
     let mut rng = Rng::fresh("prefill_producer_sanitizer");
-    for (wg, kt, ns) in [(3, 128, 2), (3, 64, 3), (2, 128, 2), (1, 64, 2)] {
+    let shape = |wg, kt, ns| ws(128, 4, false, PrefillMask::Causal, wg, kt, ns);
+    for tiles in [
+        shape(3, 128, 2),
+        shape(3, 64, 3),
+        shape(2, 128, 2),
+        shape(1, 64, 2),
+        ws_overlap(128, 4, false, PrefillMask::Causal),
+    ] {
         let mut c = case(
             vec![100, 0, 30],
             vec![100, 5, 300],
@@ -692,19 +696,9 @@ fn gpu_prefill_producer_sanitizer_cases() {
             128,
             Mask::Causal,
         );
-        c.tiles = ws(128, 4, false, PrefillMask::Causal, wg, kt, ns);
+        c.tiles = tiles;
         run_case::<half::bf16>(&c, &mut rng);
     }
-    let mut c = case(
-        vec![100, 0, 30],
-        vec![100, 5, 300],
-        0,
-        (8, 2),
-        128,
-        Mask::Causal,
-    );
-    c.tiles = ws_overlap(128, 4, false, PrefillMask::Causal);
-    run_case::<half::bf16>(&c, &mut rng);
     let mut c = case(vec![3], vec![700], 5, (8, 2), 64, Mask::Causal);
     c.expect_split = Some(true);
     c.tiles = ws(64, 4, true, PrefillMask::Causal, 1, 64, 2);
@@ -745,14 +739,17 @@ fn gpu_prefill_persistent_cases() {
     let mut lens: Vec<usize> = (0..50).map(|i| 40 + (i * 37) % 90).collect();
     lens[7] = 0;
     let kv: Vec<usize> = lens.iter().map(|&l| l + 60).collect();
-    for (wg, kt, ns) in [(3, 64, 3), (2, 128, 2), (1, 64, 2)] {
+    let shape = |wg, kt, ns| ws(128, 4, true, PrefillMask::Causal, wg, kt, ns);
+    for tiles in [
+        shape(3, 64, 3),
+        shape(2, 128, 2),
+        shape(1, 64, 2),
+        ws_overlap(128, 4, true, PrefillMask::Causal),
+    ] {
         let mut c = case(lens.clone(), kv.clone(), 16, (32, 8), 128, Mask::Causal);
-        c.tiles = persistent(ws(128, 4, true, PrefillMask::Causal, wg, kt, ns));
+        c.tiles = persistent(tiles);
         run_case::<half::bf16>(&c, &mut rng);
     }
-    let mut c = case(lens.clone(), kv.clone(), 16, (32, 8), 128, Mask::Causal);
-    c.tiles = persistent(ws_overlap(128, 4, true, PrefillMask::Causal));
-    run_case::<half::bf16>(&c, &mut rng);
     let mut c = case(lens.clone(), kv.clone(), 0, (8, 8), 64, Mask::CustomRandom);
     c.tiles = persistent(ws(64, 1, false, PrefillMask::Custom, 3, 128, 2));
     run_case::<half::bf16>(&c, &mut rng);

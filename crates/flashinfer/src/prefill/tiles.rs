@@ -166,22 +166,20 @@ impl PrefillTiles {
     ) -> Self {
         if arch >= Arch::SM90 && packed_qo_len > 16 && (head_dim == 64 || head_dim == 128) {
             let (wg, kv_tile, nstage) = wgmma_shape(packed_qo_len);
-            // Three warpgroups of 64-key stages overlap each one's softmax with its own GEMMs,
-            // with a fourth stage (H200, causal, TFLOP/s: 16 x 1024 350.6 -> 371.6, 4 x 4096
-            // 511.7 -> 530.4 against the engine's shapes without it; docs/perf-notes.md, session
-            // 8). Not the 128-key shapes: three warpgroups spill there, two gain nothing.
-            let intra_wg_overlap = wg == 3 && kv_tile == 64 && overlap_allowed();
-            let nstage = if intra_wg_overlap { 4 } else { nstage };
             // With a producer warpgroup: 1 x 8192 causal 415 -> 500 TFLOP/s at the same shape,
             // the cascade's shared level 124 -> 103 us. Persistent blocks that claim items
             // from a counter: 16 x 1024 315 -> 336, 1 x 8192 549 -> 567 (docs/perf-notes.md);
             // the op turns them off for split plans and CUDA graphs.
-            return Self {
+            let t = Self {
                 warp_specialized: true,
                 persistent: true,
-                intra_wg_overlap,
                 nstage,
                 ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
+            };
+            return if t.overlap_pays() && overlap_allowed() {
+                t.with_intra_wg_overlap()
+            } else {
+                t
             };
         }
         Self::mma_sync(
@@ -369,6 +367,24 @@ impl PrefillTiles {
     }
 
     /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
+    /// Whether intra-warpgroup overlap pays on these tiles: three warpgroups of 64-key stages
+    /// with the producer warpgroup (H200, causal, TFLOP/s: 16 x 1024 350.6 -> 371.6, 4 x 4096
+    /// 511.7 -> 530.4 against the engine's shapes without it; docs/perf-notes.md, session 8).
+    /// Not the 128-key shapes: three warpgroups spill there, two gain nothing.
+    pub fn overlap_pays(&self) -> bool {
+        self.warp_specialized && self.warps_q == 12 && self.kv_tile == 64
+    }
+
+    /// These tiles with intra-warpgroup overlap and the four stages it needs (a stage is held
+    /// one step longer).
+    pub fn with_intra_wg_overlap(self) -> Self {
+        Self {
+            intra_wg_overlap: true,
+            nstage: 4,
+            ..self
+        }
+    }
+
     /// Not for three warpgroups whose logits a variant transforms (soft cap, ALiBi, any user
     /// variant: the kernel's logits build): at 160 registers per consumer thread the persistent
     /// loop's state made those slower (1 x 8192, not persistent against persistent, session 5:
@@ -572,11 +588,13 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                     for (wg, kt) in [(1, 64), (2, 128), (3, 64)] {
                         v.push(PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt).spec());
                     }
-                    for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 4), (3, 128, 2)] {
+                    for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3), (3, 128, 2)] {
                         let mut t = PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt);
                         t.warp_specialized = true;
-                        t.intra_wg_overlap = wg == 3 && kt == 64;
                         t.nstage = ns;
+                        if t.overlap_pays() {
+                            t = t.with_intra_wg_overlap();
+                        }
                         v.push(t.spec());
                         t.persistent = true;
                         v.push(t.spec());
@@ -603,11 +621,12 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         // 64-key stages with intra-warpgroup overlap), persistent or not (three warpgroups whose
         // logits a variant transforms are not: `persistent_pays`), with every variant they can
         // take.
-        for (kt, ns) in [(128, 2), (64, 4)] {
+        for kt in [128, 64] {
             let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, kt);
             t.warp_specialized = true;
-            t.intra_wg_overlap = kt == 64;
-            t.nstage = ns;
+            if t.overlap_pays() {
+                t = t.with_intra_wg_overlap();
+            }
             t.variant = flags;
             if t.can_specialise_warps() {
                 v.push(t.spec());
@@ -619,13 +638,15 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
     // The cascade's shared levels: the L2 look-ahead, on the shapes they choose (paged, no mask),
     // with and without the producer warpgroup (RoPE turns it off).
     for dt in [DType::F16, DType::BF16] {
-        for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 4)] {
+        for (wg, kt, ns) in [(1, 64, 2), (2, 128, 2), (3, 64, 3)] {
             let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::None, wg, kt);
             t.l2_lookahead = true;
             v.push(t.without_producer().spec());
             t.warp_specialized = true;
-            t.intra_wg_overlap = wg == 3;
             t.nstage = ns;
+            if t.overlap_pays() {
+                t = t.with_intra_wg_overlap();
+            }
             v.push(t.spec());
             t.persistent = true;
             v.push(t.spec());
