@@ -149,6 +149,7 @@ struct TileLoader {
   const char *k_src, *v_src;
   u32 k_dst, v_dst;
   long long off[SLOTS];  // byte offsets of this lane's rows (-1 past the item's keys)
+  int page[SLOTS];       // page ids of this lane's rows of the tile fetch_pages() was last given
 
   __device__ __forceinline__ TileLoader(const DecodeParams& p, int kv_head, int i, DTypeKV* k_smem, DTypeKV* v_smem)
       : ld_row(i / CHUNKS), ld_chunk(i % CHUNKS) {
@@ -158,14 +159,32 @@ struct TileLoader {
     k_dst = opaque(smem_addr(k_smem));
     v_dst = opaque(smem_addr(v_smem));
   }
+  // Key `tok` of this lane's slot j in tile `tile`, and whether the tile has it.
+  __device__ __forceinline__ bool slot_key(const DecodeWork& w, int tile, int j, int& tok) const {
+    const int pass = ld_chunk + j * CHUNKS;
+    tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
+    return pass < PASSES && tok < w.kv_len;
+  }
   // This lane's rows of tile `tile` of the work item.
   __device__ __forceinline__ void resolve(const DecodeParams& p, const DecodeWork& w, int tile) {
+    fetch_pages(p, w, tile);
+    resolve_fetched(p, w, tile);
+  }
+  // The two halves of resolve(), for a loader that runs them a tile apart (the producer warp):
+  // the page-id loads of tile `tile`'s rows are issued here and only used by resolve_fetched, so
+  // their latency (a new line of ids every tile with small pages) passes while the loader waits.
+  __device__ __forceinline__ void fetch_pages(const DecodeParams& p, const DecodeWork& w, int tile) {
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j) {
-      const int pass = ld_chunk + j * CHUNKS;
-      const int tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
-      off[j] = -1;
-      if (pass < PASSES && tok < w.kv_len) off[j] = key_offset(p, w, tok) * (long long)sizeof(DTypeKV);
+      int tok;
+      page[j] = slot_key(w, tile, j, tok) ? key_page(p, w, tok) : 0;
+    }
+  }
+  __device__ __forceinline__ void resolve_fetched(const DecodeParams& p, const DecodeWork& w, int tile) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+      int tok;
+      off[j] = slot_key(w, tile, j, tok) ? key_offset_in(p, w, tok, page[j]) * (long long)sizeof(DTypeKV) : -1;
     }
   }
   // A stage's byte offset of pass s of this thread's rows.
@@ -217,15 +236,18 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
                                               DTypeKV* k_smem, DTypeKV* v_smem, u64* full_bar, u64* empty_bar,
                                               int lane) {
   TileLoader<32> ld(p, kv_head, lane, k_smem, v_smem);
-  // Rows are resolved a tile ahead, so that the page-id loads are in flight while the producer
-  // waits for a free stage.
+  // Rows are resolved a tile ahead and their page ids loaded two tiles ahead, so that neither the
+  // id loads nor the offsets they feed hold up a free stage's copies.
   if (num_tiles > 0) ld.resolve(p, w, 0);
+  if (num_tiles > 1) ld.fetch_pages(p, w, 1);
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % NSTAGE;
     if (tile >= NSTAGE) mbar_wait(&empty_bar[stage], ((tile / NSTAGE) - 1) & 1);
     ld.issue(stage, (tile + 1) * TILE <= w.kv_len);
     cp_async_mbar_arrive(&full_bar[stage]);  // counts once this lane's copies have landed
-    if (tile + 1 < num_tiles) ld.resolve(p, w, tile + 1);
+    // Tile + 1's page ids were loaded a tile ago; tile + 2's load while this lane waits.
+    if (tile + 1 < num_tiles) ld.resolve_fetched(p, w, tile + 1);
+    if (tile + 2 < num_tiles) ld.fetch_pages(p, w, tile + 2);
   }
   cp_async_wait<0>();  // (the arrivals above already order the copies; nothing left in flight at exit)
 }
