@@ -81,19 +81,22 @@ __device__ __forceinline__ void compute_sync() {
 // Element offset in the page pool of key `tok` (< w.kv_len) of the work item: its page (through
 // the page table, or page_begin + i without one) and its slot in the page. Every decode loader
 // resolves its rows here; the head's offset is the caller's. In two steps, so that a loader can
-// load the page id (key_page, a dependent global load) a tile before it needs the offset
-// (key_offset_in).
-__device__ __forceinline__ int key_page(const DecodeParams& p, const DecodeWork& w, int tok) {
-  const int page_pos = w.page_begin + (int)p.page_size_div.div((u32)(w.kv_start + tok));
-  return p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
-}
-__device__ __forceinline__ long long key_offset_in(const DecodeParams& p, const DecodeWork& w, int tok, int page) {
+// load the page id (key_page: a dependent global load) a tile before it needs the offset
+// (page_offset).
+__device__ __forceinline__ int key_page(const DecodeParams& p, const DecodeWork& w, int tok, int& slot) {
   const u32 abs_tok = (u32)(w.kv_start + tok);
   const u32 page_idx = p.page_size_div.div(abs_tok);
-  return (long long)page * p.page_stride + (long long)(abs_tok - page_idx * (u32)p.page_size) * p.token_stride;
+  slot = (int)(abs_tok - page_idx * (u32)p.page_size);
+  const int page_pos = w.page_begin + (int)page_idx;
+  return p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
+}
+__device__ __forceinline__ long long page_offset(const DecodeParams& p, int page, int slot) {
+  return (long long)page * p.page_stride + (long long)slot * p.token_stride;
 }
 __device__ __forceinline__ long long key_offset(const DecodeParams& p, const DecodeWork& w, int tok) {
-  return key_offset_in(p, w, tok, key_page(p, w, tok));
+  int slot;
+  const int page = key_page(p, w, tok, slot);
+  return page_offset(p, page, slot);
 }
 
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.

@@ -149,7 +149,8 @@ struct TileLoader {
   const char *k_src, *v_src;
   u32 k_dst, v_dst;
   long long off[SLOTS];  // byte offsets of this lane's rows (-1 past the item's keys)
-  int page[SLOTS];       // page ids of this lane's rows of the tile fetch_pages() was last given
+  int page[SLOTS];       // page ids and slots in the page of this lane's rows of the tile
+  int slot[SLOTS];       // fetch_pages() was last given (slot -1 past the item's keys)
 
   __device__ __forceinline__ TileLoader(const DecodeParams& p, int kv_head, int i, DTypeKV* k_smem, DTypeKV* v_smem)
       : ld_row(i / CHUNKS), ld_chunk(i % CHUNKS) {
@@ -159,16 +160,10 @@ struct TileLoader {
     k_dst = opaque(smem_addr(k_smem));
     v_dst = opaque(smem_addr(v_smem));
   }
-  // Key `tok` of this lane's slot j in tile `tile`, and whether the tile has it.
-  __device__ __forceinline__ bool slot_key(const DecodeWork& w, int tile, int j, int& tok) const {
-    const int pass = ld_chunk + j * CHUNKS;
-    tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
-    return pass < PASSES && tok < w.kv_len;
-  }
   // This lane's rows of tile `tile` of the work item.
   __device__ __forceinline__ void resolve(const DecodeParams& p, const DecodeWork& w, int tile) {
     fetch_pages(p, w, tile);
-    resolve_fetched(p, w, tile);
+    resolve_fetched(p);
   }
   // The two halves of resolve(), for a loader that runs them a tile apart (the producer warp):
   // the page-id loads of tile `tile`'s rows are issued here and only used by resolve_fetched, so
@@ -176,16 +171,17 @@ struct TileLoader {
   __device__ __forceinline__ void fetch_pages(const DecodeParams& p, const DecodeWork& w, int tile) {
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j) {
-      int tok;
-      page[j] = slot_key(w, tile, j, tok) ? key_page(p, w, tok) : 0;
+      const int pass = ld_chunk + j * CHUNKS;
+      const int tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
+      page[j] = 0;
+      slot[j] = -1;
+      if (pass < PASSES && tok < w.kv_len) page[j] = key_page(p, w, tok, slot[j]);
     }
   }
-  __device__ __forceinline__ void resolve_fetched(const DecodeParams& p, const DecodeWork& w, int tile) {
+  __device__ __forceinline__ void resolve_fetched(const DecodeParams& p) {
 #pragma unroll
-    for (int j = 0; j < SLOTS; ++j) {
-      int tok;
-      off[j] = slot_key(w, tile, j, tok) ? key_offset_in(p, w, tok, page[j]) * (long long)sizeof(DTypeKV) : -1;
-    }
+    for (int j = 0; j < SLOTS; ++j)
+      off[j] = slot[j] >= 0 ? page_offset(p, page[j], slot[j]) * (long long)sizeof(DTypeKV) : -1;
   }
   // A stage's byte offset of pass s of this thread's rows.
   __device__ __forceinline__ u32 dst(int stage, int s) const {
@@ -246,7 +242,7 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
     ld.issue(stage, (tile + 1) * TILE <= w.kv_len);
     cp_async_mbar_arrive(&full_bar[stage]);  // counts once this lane's copies have landed
     // Tile + 1's page ids were loaded a tile ago; tile + 2's load while this lane waits.
-    if (tile + 1 < num_tiles) ld.resolve_fetched(p, w, tile + 1);
+    if (tile + 1 < num_tiles) ld.resolve_fetched(p);
     if (tile + 2 < num_tiles) ld.fetch_pages(p, w, tile + 2);
   }
   cp_async_wait<0>();  // (the arrivals above already order the copies; nothing left in flight at exit)
