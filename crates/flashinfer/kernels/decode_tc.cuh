@@ -11,7 +11,8 @@
 // (decode_variant.cuh); decode/tiles.rs chooses them.
 //
 // Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads (16-byte
-// cp.async copies, page ids resolved one tile ahead); warp w then attends tokens
+// cp.async copies, page ids resolved one tile ahead; with the producer warp, DECODE_WS below, the
+// ids are loaded two tiles ahead); warp w then attends tokens
 // [w * 16 * KT, (w + 1) * 16 * KT) of the tile with its own online-softmax state. The four states
 // merge through shared memory at the end.
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
