@@ -78,25 +78,27 @@ __device__ __forceinline__ void compute_sync() {
 #endif
 }
 
-// Element offset in the page pool of key `tok` (< w.kv_len) of the work item: its page (through
-// the page table, or page_begin + i without one) and its slot in the page. Every decode loader
-// resolves its rows here; the head's offset is the caller's. In two steps, so that a loader can
-// load the page id (key_page: a dependent global load) a tile before it needs the offset
-// (page_offset).
-__device__ __forceinline__ int key_page(const DecodeParams& p, const DecodeWork& w, int tok, int& slot) {
+// Where key `tok` (< w.kv_len) of the work item lies, in two steps, so that a loader can load the
+// page id (a dependent global load) a tile before it needs the offset; every decode loader
+// resolves its rows here, the head's offset being the caller's.
+// key_page: the key's page id (through the page table, or page_begin + i without one) and, in
+// `in_page`, its position in that page.
+__device__ __forceinline__ int key_page(const DecodeParams& p, const DecodeWork& w, int tok, int& in_page) {
   const u32 abs_tok = (u32)(w.kv_start + tok);
   const u32 page_idx = p.page_size_div.div(abs_tok);
-  slot = (int)(abs_tok - page_idx * (u32)p.page_size);
+  in_page = (int)(abs_tok - page_idx * (u32)p.page_size);
   const int page_pos = w.page_begin + (int)page_idx;
   return p.kv_indices != nullptr ? p.kv_indices[page_pos] : page_pos;
 }
-__device__ __forceinline__ long long page_offset(const DecodeParams& p, int page, int slot) {
-  return (long long)page * p.page_stride + (long long)slot * p.token_stride;
+// page_offset: the element offset in the page pool of position `in_page` of page `page`.
+__device__ __forceinline__ long long page_offset(const DecodeParams& p, int page, int in_page) {
+  return (long long)page * p.page_stride + (long long)in_page * p.token_stride;
 }
+// key_offset: both steps at once.
 __device__ __forceinline__ long long key_offset(const DecodeParams& p, const DecodeWork& w, int tok) {
-  int slot;
-  const int page = key_page(p, w, tok, slot);
-  return page_offset(p, page, slot);
+  int in_page;
+  const int page = key_page(p, w, tok, in_page);
+  return page_offset(p, page, in_page);
 }
 
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.

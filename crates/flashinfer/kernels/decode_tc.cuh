@@ -10,9 +10,9 @@
 // KT (16-token k-steps per warp per tile), NSTAGE and, for a variant, its VARIANT_* switches
 // (decode_variant.cuh); decode/tiles.rs chooses them.
 //
-// Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads (16-byte
-// cp.async copies, page ids resolved one tile ahead; with the producer warp, DECODE_WS below, the
-// ids are loaded two tiles ahead); warp w then attends tokens
+// Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads, or
+// with DECODE_WS (below) by a fifth, producer warp (16-byte cp.async copies; page ids resolved a
+// tile ahead, and with the producer warp loaded two tiles ahead); warp w then attends tokens
 // [w * 16 * KT, (w + 1) * 16 * KT) of the tile with its own online-softmax state. The four states
 // merge through shared memory at the end.
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
@@ -150,8 +150,9 @@ struct TileLoader {
   const char *k_src, *v_src;
   u32 k_dst, v_dst;
   long long off[SLOTS];  // byte offsets of this lane's rows (-1 past the item's keys)
-  int page[SLOTS];       // page ids and slots in the page of this lane's rows of the tile
-  int slot[SLOTS];       // fetch_pages() was last given (slot -1 past the item's keys)
+  // The page ids of this lane's rows in the tile fetch_pages() was last given, and their
+  // positions in those pages (-1 past the item's keys).
+  int page[SLOTS], in_page[SLOTS];
 
   __device__ __forceinline__ TileLoader(const DecodeParams& p, int kv_head, int i, DTypeKV* k_smem, DTypeKV* v_smem)
       : ld_row(i / CHUNKS), ld_chunk(i % CHUNKS) {
@@ -175,14 +176,14 @@ struct TileLoader {
       const int pass = ld_chunk + j * CHUNKS;
       const int tok = tile * TILE + ld_row + pass * ROWS_PER_PASS;
       page[j] = 0;
-      slot[j] = -1;
-      if (pass < PASSES && tok < w.kv_len) page[j] = key_page(p, w, tok, slot[j]);
+      in_page[j] = -1;
+      if (pass < PASSES && tok < w.kv_len) page[j] = key_page(p, w, tok, in_page[j]);
     }
   }
   __device__ __forceinline__ void resolve_fetched(const DecodeParams& p) {
 #pragma unroll
     for (int j = 0; j < SLOTS; ++j)
-      off[j] = slot[j] >= 0 ? page_offset(p, page[j], slot[j]) * (long long)sizeof(DTypeKV) : -1;
+      off[j] = in_page[j] >= 0 ? page_offset(p, page[j], in_page[j]) * (long long)sizeof(DTypeKV) : -1;
   }
   // A stage's byte offset of pass s of this thread's rows.
   __device__ __forceinline__ u32 dst(int stage, int s) const {
