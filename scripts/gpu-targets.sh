@@ -34,6 +34,9 @@ at_most() { python3 -c 'import sys; print("yes" if float(sys.argv[1]) <= float(s
 at_least() { python3 -c 'import sys; print("yes" if float(sys.argv[1]) >= float(sys.argv[2]) else "no")' "$1" "$2" 2>/dev/null || echo "no"; }
 ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]) - 1:+.1%}")' "$1" "$2" 2>/dev/null; }
 
+# Which GPU (by UUID: two of the same model measure differently, docs/perf-notes.md session 9).
+"$fi" info 2>/dev/null | grep -m1 '^GPU' || true
+echo
 echo "| issue | what | measured | asked | met |"
 echo "|---|---|---|---|---|"
 for g in $groups; do

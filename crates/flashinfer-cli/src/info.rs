@@ -53,9 +53,10 @@ pub fn no_gpu_reason() -> String {
 
 pub fn describe(info: &DeviceInfo) -> String {
     format!(
-        "GPU {}: {}, {} ({} SMs), shared memory {} per block (opt-in) / {} per SM, L2 {}, memory {}",
+        "GPU {}: {} ({}), {} ({} SMs), shared memory {} per block (opt-in) / {} per SM, L2 {}, memory {}",
         info.ordinal,
         info.name,
+        info.uuid,
         info.arch,
         info.sm_count,
         human_bytes(info.max_smem_per_block_optin as u64),

@@ -382,8 +382,8 @@ fn run_typed<T: Element + DeviceRepr>(a: CascadeArgs) -> Result<(), String> {
     }
     if a.json {
         println!(
-            "{{\"op\":\"cascade\",\"gpu\":\"{}\",\"batch\":{b},\"prefix\":{},\"suffix\":{},\"qo_len\":{},\"page_size\":{ps},\"heads\":\"{hq}:{hk}\",\"head_dim\":{},\"dtype\":\"{}\",\"one_level_us\":{:.2},\"cascade_us\":{:.2},\"speedup\":{:.2},\"runs\":{},\"check_rel_err\":{:.3e}}}",
-            dev.info().name, a.prefix, a.suffix, a.qo_len, a.head_dim, T::DTYPE, t_one.median_us, t_cas.median_us, speedup, t_cas.runs, worst
+            "{{\"op\":\"cascade\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"batch\":{b},\"prefix\":{},\"suffix\":{},\"qo_len\":{},\"page_size\":{ps},\"heads\":\"{hq}:{hk}\",\"head_dim\":{},\"dtype\":\"{}\",\"one_level_us\":{:.2},\"cascade_us\":{:.2},\"speedup\":{:.2},\"runs\":{},\"check_rel_err\":{:.3e}}}",
+            dev.info().name, dev.info().uuid, a.prefix, a.suffix, a.qo_len, a.head_dim, T::DTYPE, t_one.median_us, t_cas.median_us, speedup, t_cas.runs, worst
         );
     } else {
         println!(

@@ -452,8 +452,8 @@ fn run_typed<T: Element + DeviceRepr>(a: DecodeArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{},\"fixed_chunk\":{},\"flush\":\"{}\"{}}}",
-            dev.info().name, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
+            "{{\"op\":\"decode\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"batch\":{},\"total_kv\":{},\"kv_len\":{},\"page_size\":{},\"kernel\":\"{}\",\"heads\":\"{}:{}\",\"head_dim\":{},\"dtype\":\"{}\",\"layout\":\"{}\",\"pages\":\"{}\",\"split_chunk\":\"{}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"bytes\":{},\"tb_per_s\":{:.3},\"floor_us\":{:.2},\"pct_of_floor\":{:.1},\"check_rel_err\":{:.3e},\"checked_requests\":{},\"rope\":\"{}\"{},\"fixed_chunk\":{},\"flush\":\"{}\"{}}}",
+            dev.info().name, dev.info().uuid, lens.len(), total, if a.lens_file.is_some() { 0 } else { a.kv_len }, a.page_size, op.tiles().name(), hq, hk, a.head_dim, T::DTYPE, a.layout, if a.contiguous_pages { "contiguous" } else { "shuffled" }, split,
             op.schedule().work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, bytes as u64, tbps, floor_us, pct, worst, checked.len(), rope_mode.name(),
             variant.json(), a.fixed_chunk.map_or("null".to_string(), |n| n.to_string()), a.flush.name(),
             graph.as_ref().map_or(String::new(), |g| g.json(&stats))

@@ -387,8 +387,8 @@ fn run_typed<T: Element + DeviceRepr>(a: PrefillArgs) -> Result<(), String> {
     };
     if a.json {
         println!(
-            "{{\"op\":\"prefill\",\"gpu\":\"{}\",\"batch\":{},\"qo_total\":{},\"kv_total\":{},\"kv\":\"{}\",\"mask\":\"{}\",\"kernel\":\"{}\",\"heads\":\"{hq}:{hk}\",\"head_dim\":{dim},\"dtype\":\"{}\",\"split_chunk\":\"{split}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tflop_per_s\":{:.1},\"pct_of_790\":{:.1},\"floor_us\":{:.2},\"check_rel_err\":{:.3e},\"checked_windows\":{windows}{}}}",
-            dev.info().name, lens.len(), qo.total(), kv_ragged.total(), kv_name, a.mask, kernel, T::DTYPE,
+            "{{\"op\":\"prefill\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"batch\":{},\"qo_total\":{},\"kv_total\":{},\"kv\":\"{}\",\"mask\":\"{}\",\"kernel\":\"{}\",\"heads\":\"{hq}:{hk}\",\"head_dim\":{dim},\"dtype\":\"{}\",\"split_chunk\":\"{split}\",\"work_items\":{},\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tflop_per_s\":{:.1},\"pct_of_790\":{:.1},\"floor_us\":{:.2},\"check_rel_err\":{:.3e},\"checked_windows\":{windows}{}}}",
+            dev.info().name, dev.info().uuid, lens.len(), qo.total(), kv_ragged.total(), kv_name, a.mask, kernel, T::DTYPE,
             s.work.len(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tflops, pct_peak, floor_us, worst,
             variant.json()
         );

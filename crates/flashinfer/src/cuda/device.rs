@@ -13,6 +13,10 @@ use crate::jit::{Arch, Jit, KernelSpec, LoadedModule, ModuleRegistry};
 pub struct DeviceInfo {
     pub ordinal: usize,
     pub name: String,
+    /// The GPU's UUID as nvidia-smi prints it (`GPU-...`; empty if the driver does not say):
+    /// benchmark records carry it, because two GPUs of the same model measure differently
+    /// (docs/perf-notes.md, session 9).
+    pub uuid: String,
     pub arch: Arch,
     pub sm_count: usize,
     /// Shared memory one block may use after opting in (`cuFuncSetAttribute`).
@@ -85,6 +89,7 @@ impl Device {
         let info = DeviceInfo {
             ordinal,
             name: ctx.name()?,
+            uuid: ctx.uuid().map_or(String::new(), |u| format_uuid(&u.bytes)),
             arch: Arch::new(major as u32, minor as u32),
             sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             max_smem_per_block_optin: attr(
@@ -169,5 +174,36 @@ impl Device {
         // SAFETY: forwarded to the caller (see above).
         let stream = unsafe { self.ctx.wrap_borrowed_stream(raw) };
         self.with_stream(stream)
+    }
+}
+
+/// A device UUID in nvidia-smi's form: `GPU-` and 32 hex digits grouped 8-4-4-4-12.
+fn format_uuid(bytes: &[std::ffi::c_char; 16]) -> String {
+    let hex: String = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_uuid;
+
+    #[test]
+    fn uuid_prints_as_nvidia_smi_does() {
+        let bytes: [u8; 16] = [
+            0x1f, 0x2e, 0x3d, 0x4c, 0x5b, 0x6a, 0x79, 0x88, 0x97, 0xa6, 0xb5, 0xc4, 0xd3, 0xe2,
+            0xf1, 0x00,
+        ];
+        let as_c = bytes.map(|b| b as std::ffi::c_char);
+        assert_eq!(
+            format_uuid(&as_c),
+            "GPU-1f2e3d4c-5b6a-7988-97a6-b5c4d3e2f100"
+        );
     }
 }
