@@ -372,12 +372,16 @@ batch_decode(const DecodeParams p) {
   TileLoader<NUM_THREADS> ld(p, kv_head, tid, k_smem, v_smem);
   // Whether every row of tile `tile` is in range (uniform over the block).
   auto whole_tile = [&](int tile) { return (tile + 1) * TILE <= w.kv_len; };
+  // As the producer warp does: offsets a tile ahead, page ids two tiles ahead (fetch_pages of a
+  // tile past the item's keys loads nothing).
   ld.resolve(p, w, 0);
+  ld.fetch_pages(p, w, 1);
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < num_tiles) {
       ld.issue(s, whole_tile(s));
-      ld.resolve(p, w, s + 1);
+      ld.resolve_fetched(p);
+      ld.fetch_pages(p, w, s + 2);
     }
     cp_async_commit();
   }
@@ -399,7 +403,8 @@ batch_decode(const DecodeParams p) {
       const int next = tile + NSTAGE - 1;
       if (next < num_tiles) {
         ld.issue(next % NSTAGE, whole_tile(next));
-        ld.resolve(p, w, next + 1);
+        ld.resolve_fetched(p);
+        ld.fetch_pages(p, w, next + 2);
       }
       cp_async_commit();
     }
