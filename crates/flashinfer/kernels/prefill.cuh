@@ -89,6 +89,17 @@
 #ifndef MIN_BLOCKS_PER_SM
 #define MIN_BLOCKS_PER_SM 1
 #endif
+// The order in which an item's key tiles are visited: with PREFILL_REVERSE_KV from its last tile
+// (the causal diagonal's) back to its first, as FA2/FA3 do. ALiBi's logits grow toward the
+// diagonal, so in key order nearly every tile raises some row's max and O is rescaled every tile;
+// diagonal first, the first tile sets the max. Chosen by the host (src/prefill/tiles.rs).
+#ifndef PREFILL_REVERSE_KV
+#define PREFILL_REVERSE_KV 0
+#endif
+// The key tile an item visits i-th (i >= num_tiles: a tile past the item's keys, either way).
+__device__ __forceinline__ int kv_tile_at(int i, int num_tiles) {
+  return PREFILL_REVERSE_KV && i < num_tiles ? num_tiles - 1 - i : i;
+}
 // Attention variants (crate::variant has their definitions), each compiled in only when the
 // generated source turns it on, so a plain kernel is exactly the plain code.
 #ifndef VARIANT_SOFTCAP
@@ -502,7 +513,7 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
   const long long head_off = (long long)kv_head * p.head_stride + chunk * 8;
   long long off = -1;
   auto resolve = [&](int tile) {
-    const int key = w.kv_begin + tile * KV_TILE + row0 + lane;
+    const int key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + row0 + lane;
     off = lane < WARP_ROWS && key < kv_stop ? kv_row_offset(p, w, key) : -1;
   };
   resolve(0);
@@ -717,7 +728,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   auto resolve_rows = [&](int tile) {
     my_off = -1;
     const int r = ld_row + ld_chunk * ROWS_PER_PASS;
-    const int key = w.kv_begin + tile * KV_TILE + r;
+    const int key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + r;
     if (ld_chunk < KV_PASSES && r < KV_TILE && key < kv_stop) my_off = kv_row_offset(p, w, key);
   };
   auto issue_tile = [&](int stage) {
@@ -866,7 +877,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     {
       // Transform this tile's keys (and, on the first tile, the queries) where they sit, then
       // publish: RoPE, or a user variant's key and query transforms.
-      const int first_key = w.kv_begin + tile * KV_TILE;
+      const int first_key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE;
 #if USER_HAS_KEY_TRANSFORM
       transform_tile<KV_TILE>(k_smem + stage * KV_TILE * HEAD_DIM, [&](int r, int dim, float x) {
         const int key = first_key + r;
@@ -900,7 +911,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       __syncthreads();
     }
 #endif
-    const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
+    const int key0 = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + warp_kv * WARP_KV;  // this warp's first key
     // (Never taken with wgmma, whose single key slice starts inside every tile: the
     // warp-specialised loop must reach its release of the stage; WARPS_KV == 1 is asserted.)
     // (Compiled out with the overlap, whose chain of previous P and stage must see every tile.)
