@@ -96,6 +96,14 @@
 #ifndef PREFILL_REVERSE_KV
 #define PREFILL_REVERSE_KV 0
 #endif
+// Rescale slack (log2 units; 0: off), as FlashAttention-4 does: a row's running max, which O and
+// the row sum are relative to, moves only when a tile's max exceeds it by more than the slack, so
+// most tiles skip O's rescale; P is then at most 2^slack (exact all the same: O and the sum stay
+// relative to the same max, and the final division and LSE use it). An experiment (session 9,
+// not yet measured): FLASHINFER_PREFILL_RESCALE_SLACK=N.
+#ifndef PREFILL_RESCALE_SLACK
+#define PREFILL_RESCALE_SLACK 0
+#endif
 // The key tile an item visits i-th (i >= num_tiles: a tile past the item's keys, either way).
 __device__ __forceinline__ int kv_tile_at(int i, int num_tiles) {
   return PREFILL_REVERSE_KV && i < num_tiles ? num_tiles - 1 - i : i;
@@ -1123,7 +1131,10 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       for (int h = 0; h < 2; ++h) {
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 1));
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 2));
-        const float m_new = fmaxf(m[mt][h], m_tile[h] * score_scale);  // m: scaled, base 2
+        const float m_cand = m_tile[h] * score_scale;  // m: scaled, base 2
+        const float m_new = PREFILL_RESCALE_SLACK > 0
+                                ? (m_cand > m[mt][h] + (float)PREFILL_RESCALE_SLACK ? m_cand : m[mt][h])
+                                : fmaxf(m[mt][h], m_cand);
         m_use[h] = m_new == NEG_INF ? 0.f : m_new;  // keeps exp2 finite while nothing is seen
         rescale[mt][h] = fast_exp2(m[mt][h] - m_use[h]);
         moved = moved || rescale[mt][h] != 1.f;

@@ -464,7 +464,7 @@ impl PrefillTiles {
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -482,6 +482,10 @@ impl PrefillTiles {
             if self.persistent { "_p" } else { "" },
             if self.intra_wg_overlap { "_ov" } else { "" },
             if self.reverse_kv() { "_rv" } else { "" },
+            match rescale_slack() {
+                0 => String::new(),
+                n => format!("_sl{n}"),
+            },
             self.variant.key_suffix()
         )
     }
@@ -507,7 +511,7 @@ impl PrefillTiles {
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
         let source = format!(
-            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_OVERLAP {ov}\n#define PREFILL_REVERSE_KV {rv}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
+            "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_OVERLAP {ov}\n#define PREFILL_REVERSE_KV {rv}\n#define PREFILL_RESCALE_SLACK {sl}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
              constexpr int KV_TILE = {kt};\nconstexpr int NSTAGE = {s};\nconstexpr bool PAGED = {paged};\n\
@@ -536,6 +540,7 @@ impl PrefillTiles {
             pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
             ov = u32::from(self.intra_wg_overlap),
             rv = u32::from(self.reverse_kv()),
+            sl = rescale_slack(),
             user = user.map_or(String::new(), |u| u.source()),
         );
         let name = match user {
@@ -557,6 +562,16 @@ impl PrefillTiles {
 /// docs/perf-notes.md). It changes the source, so either setting has its own cache entries.
 fn pingpong() -> bool {
     std::env::var("FLASHINFER_PREFILL_PINGPONG").map_or(true, |v| v != "0")
+}
+
+/// The softmax's rescale slack in log2 units (kernels/prefill.cuh, PREFILL_RESCALE_SLACK): 0
+/// unless `FLASHINFER_PREFILL_RESCALE_SLACK=N` (an experiment, session 9; N <= 16 keeps P and
+/// its sums far from overflow).
+fn rescale_slack() -> u32 {
+    std::env::var("FLASHINFER_PREFILL_RESCALE_SLACK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(0, |n: u32| n.min(16))
 }
 
 /// Whether [`PrefillTiles::choose`] may take intra-warpgroup overlap: yes unless
