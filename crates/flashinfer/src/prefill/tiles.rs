@@ -565,13 +565,13 @@ fn pingpong() -> bool {
 }
 
 /// The softmax's rescale slack in log2 units (kernels/prefill.cuh, PREFILL_RESCALE_SLACK): 0
-/// unless `FLASHINFER_PREFILL_RESCALE_SLACK=N` (an experiment, session 9; N <= 16 keeps P and
-/// its sums far from overflow).
+/// unless `FLASHINFER_PREFILL_RESCALE_SLACK=N` (an experiment, session 9). At most 8: P can then
+/// reach 2^N and is stored as the KV type, and f16 overflows past 65504 (2^16 would be inf).
 fn rescale_slack() -> u32 {
     std::env::var("FLASHINFER_PREFILL_RESCALE_SLACK")
         .ok()
         .and_then(|v| v.parse().ok())
-        .map_or(0, |n: u32| n.min(16))
+        .map_or(0, |n: u32| n.min(8))
 }
 
 /// Whether [`PrefillTiles::choose`] may take intra-warpgroup overlap: yes unless
