@@ -569,7 +569,7 @@ fn pingpong() -> bool {
 /// which measured 1.9 % faster on 1 x 8192 plain prefill (963 -> 945 us; session 10, same run);
 /// `FLASHINFER_PREFILL_RESCALE_SLACK=N` sets it for A/B runs (0: off). At most 8: P can then
 /// reach 2^N and is stored as the KV type, and f16 overflows past 65504 (2^16 would be inf).
-pub(crate) const DEFAULT_RESCALE_SLACK: u32 = 8;
+const DEFAULT_RESCALE_SLACK: u32 = 8;
 fn rescale_slack() -> u32 {
     std::env::var("FLASHINFER_PREFILL_RESCALE_SLACK")
         .ok()
