@@ -11,8 +11,8 @@
 // (decode_variant.cuh); decode/tiles.rs chooses them.
 //
 // Thread layout: 4 warps. A tile of TILE = 4 * 16 * KT tokens is loaded by all 128 threads, or
-// with DECODE_WS (below) by a fifth, producer warp (16-byte cp.async copies; page ids resolved a
-// tile ahead, and with the producer warp loaded two tiles ahead); warp w then attends tokens
+// with DECODE_WS (below) by a fifth, producer warp (16-byte cp.async copies; page ids loaded two
+// tiles ahead and resolved into offsets one tile ahead); warp w then attends tokens
 // [w * 16 * KT, (w + 1) * 16 * KT) of the tile with its own online-softmax state. The four states
 // merge through shared memory at the end.
 // Shared memory: 2 * NSTAGE * TILE * HEAD_DIM * 2 bytes of swizzled K/V tiles (16-byte chunks
@@ -167,7 +167,7 @@ struct TileLoader {
     fetch_pages(p, w, tile);
     resolve_fetched(p);
   }
-  // The two halves of resolve(), for a loader that runs them a tile apart (the producer warp):
+  // The two halves of resolve(), for loaders that run them a tile apart (both loaders do):
   // the page-id loads of tile `tile`'s rows are issued here and only used by resolve_fetched, so
   // their latency (a new line of ids every tile with small pages) passes while the loader waits.
   __device__ __forceinline__ void fetch_pages(const DecodeParams& p, const DecodeWork& w, int tile) {
@@ -372,12 +372,16 @@ batch_decode(const DecodeParams p) {
   TileLoader<NUM_THREADS> ld(p, kv_head, tid, k_smem, v_smem);
   // Whether every row of tile `tile` is in range (uniform over the block).
   auto whole_tile = [&](int tile) { return (tile + 1) * TILE <= w.kv_len; };
+  // As the producer warp does: offsets a tile ahead, page ids two tiles ahead (fetch_pages of a
+  // tile past the item's keys loads nothing).
   ld.resolve(p, w, 0);
+  ld.fetch_pages(p, w, 1);
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < num_tiles) {
       ld.issue(s, whole_tile(s));
-      ld.resolve(p, w, s + 1);
+      ld.resolve_fetched(p);
+      ld.fetch_pages(p, w, s + 2);
     }
     cp_async_commit();
   }
@@ -399,7 +403,8 @@ batch_decode(const DecodeParams p) {
       const int next = tile + NSTAGE - 1;
       if (next < num_tiles) {
         ld.issue(next % NSTAGE, whole_tile(next));
-        ld.resolve(p, w, next + 1);
+        ld.resolve_fetched(p);
+        ld.fetch_pages(p, w, next + 2);
       }
       cp_async_commit();
     }

@@ -89,6 +89,26 @@
 #ifndef MIN_BLOCKS_PER_SM
 #define MIN_BLOCKS_PER_SM 1
 #endif
+// The order in which an item's key tiles are visited: with PREFILL_REVERSE_KV from its last tile
+// (the causal diagonal's) back to its first, as FA2/FA3 do. ALiBi's logits grow toward the
+// diagonal, so in key order nearly every tile raises some row's max and O is rescaled every tile;
+// diagonal first, the first tile sets the max. Chosen by the host (src/prefill/tiles.rs).
+#ifndef PREFILL_REVERSE_KV
+#define PREFILL_REVERSE_KV 0
+#endif
+// Rescale slack (log2 units; 0: off), as FlashAttention-4 does: a row's running max, which O and
+// the row sum are relative to, moves only when a tile's max exceeds it by more than the slack, so
+// most tiles skip O's rescale; P is then at most 2^slack, stored as the KV type (the host keeps
+// the slack <= 8: f16 ends at 65504), and the result is exact all the same (O and the sum stay
+// relative to the same max, and the final division and LSE use it). The host sets 8
+// (src/prefill/tiles.rs, rescale_slack; measured in docs/perf-notes.md, session 10).
+#ifndef PREFILL_RESCALE_SLACK
+#define PREFILL_RESCALE_SLACK 0
+#endif
+// The key tile an item visits i-th (i >= num_tiles: a tile past the item's keys, either way).
+__device__ __forceinline__ int kv_tile_at(int i, int num_tiles) {
+  return PREFILL_REVERSE_KV && i < num_tiles ? num_tiles - 1 - i : i;
+}
 // Attention variants (crate::variant has their definitions), each compiled in only when the
 // generated source turns it on, so a plain kernel is exactly the plain code.
 #ifndef VARIANT_SOFTCAP
@@ -502,7 +522,7 @@ __device__ __forceinline__ void produce_kv(const PrefillParams& p, const Prefill
   const long long head_off = (long long)kv_head * p.head_stride + chunk * 8;
   long long off = -1;
   auto resolve = [&](int tile) {
-    const int key = w.kv_begin + tile * KV_TILE + row0 + lane;
+    const int key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + row0 + lane;
     off = lane < WARP_ROWS && key < kv_stop ? kv_row_offset(p, w, key) : -1;
   };
   resolve(0);
@@ -717,7 +737,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
   auto resolve_rows = [&](int tile) {
     my_off = -1;
     const int r = ld_row + ld_chunk * ROWS_PER_PASS;
-    const int key = w.kv_begin + tile * KV_TILE + r;
+    const int key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + r;
     if (ld_chunk < KV_PASSES && r < KV_TILE && key < kv_stop) my_off = kv_row_offset(p, w, key);
   };
   auto issue_tile = [&](int stage) {
@@ -866,7 +886,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
     {
       // Transform this tile's keys (and, on the first tile, the queries) where they sit, then
       // publish: RoPE, or a user variant's key and query transforms.
-      const int first_key = w.kv_begin + tile * KV_TILE;
+      const int first_key = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE;
 #if USER_HAS_KEY_TRANSFORM
       transform_tile<KV_TILE>(k_smem + stage * KV_TILE * HEAD_DIM, [&](int r, int dim, float x) {
         const int key = first_key + r;
@@ -900,7 +920,7 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       __syncthreads();
     }
 #endif
-    const int key0 = w.kv_begin + tile * KV_TILE + warp_kv * WARP_KV;  // first key of this warp
+    const int key0 = w.kv_begin + kv_tile_at(tile, num_tiles) * KV_TILE + warp_kv * WARP_KV;  // this warp's first key
     // (Never taken with wgmma, whose single key slice starts inside every tile: the
     // warp-specialised loop must reach its release of the stage; WARPS_KV == 1 is asserted.)
     // (Compiled out with the overlap, whose chain of previous P and stage must see every tile.)
@@ -1112,7 +1132,10 @@ batch_prefill(const PrefillParams p USER_PARAMS_DECL) {
       for (int h = 0; h < 2; ++h) {
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 1));
         m_tile[h] = fmaxf(m_tile[h], __shfl_xor_sync(0xffffffffu, m_tile[h], 2));
-        const float m_new = fmaxf(m[mt][h], m_tile[h] * score_scale);  // m: scaled, base 2
+        const float m_cand = m_tile[h] * score_scale;  // m: scaled, base 2
+        const float m_new = PREFILL_RESCALE_SLACK > 0
+                                ? (m_cand > m[mt][h] + (float)PREFILL_RESCALE_SLACK ? m_cand : m[mt][h])
+                                : fmaxf(m[mt][h], m_cand);
         m_use[h] = m_new == NEG_INF ? 0.f : m_new;  // keeps exp2 finite while nothing is seen
         rescale[mt][h] = fast_exp2(m[mt][h] - m_use[h]);
         moved = moved || rescale[mt][h] != 1.f;
