@@ -463,8 +463,27 @@ impl PrefillTiles {
 
     /// Readable key naming every template parameter.
     pub fn name(&self) -> String {
+        self.name_with(self.switches())
+    }
+
+    /// The environment's A/B switches as they apply to this specialisation, read once per name
+    /// or spec so that a spec's name and source always agree.
+    fn switches(&self) -> Switches {
+        Switches {
+            pingpong: self.warp_specialized && self.warps_q >= 8 && pingpong(),
+            racecheck_shadow: self.persistent && racecheck_shadow(),
+            reverse_kv: match std::env::var("FLASHINFER_PREFILL_REVERSE_KV").as_deref() {
+                Ok("1") => true,
+                Ok("0") => false,
+                _ => self.variant.alibi,
+            },
+            rescale_slack: rescale_slack(),
+        }
+    }
+
+    fn name_with(&self, sw: Switches) -> String {
         format!(
-            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}{}{}{}",
+            "batch_prefill{}_{}_{}_q{}_kv{}_d{}_g{}_wq{}_wkv{}_m{}_kt{}_s{}{}{}{}{}{}{}{}{}{}",
             if self.wgmma { "_sm90" } else { "" },
             if self.paged { "paged" } else { "ragged" },
             self.mask.key(),
@@ -481,27 +500,23 @@ impl PrefillTiles {
             if self.warp_specialized { "_ws" } else { "" },
             if self.persistent { "_p" } else { "" },
             if self.intra_wg_overlap { "_ov" } else { "" },
-            if self.reverse_kv() { "_rv" } else { "" },
-            match rescale_slack() {
+            // Ping-pong and the racecheck shadow are named only off their defaults. Every switch
+            // that changes the source changes the name, so one process's kernels stay apart if
+            // the environment changes between plans (the registry refuses two sources under one
+            // name).
+            if self.warp_specialized && self.warps_q >= 8 && !sw.pingpong {
+                "_nopp"
+            } else {
+                ""
+            },
+            if sw.racecheck_shadow { "_rs" } else { "" },
+            if sw.reverse_kv { "_rv" } else { "" },
+            match sw.rescale_slack {
                 0 => String::new(),
                 n => format!("_sl{n}"),
             },
             self.variant.key_suffix()
         )
-    }
-
-    /// Whether an item's key tiles are visited from the causal diagonal back to the first
-    /// (kernels/prefill.cuh, PREFILL_REVERSE_KV): for ALiBi, whose logits grow toward the
-    /// diagonal, so that the first tile sets every row's max and O is not rescaled at every tile.
-    /// `FLASHINFER_PREFILL_REVERSE_KV=1` / `=0` turns it on / off for every kernel (A/B runs).
-    /// Session 10, 1 x 8192 causal ALiBi: 1028.7 -> 994.5 us (plain: 963.2 -> 968.7, so plain
-    /// keeps key order).
-    fn reverse_kv(&self) -> bool {
-        match std::env::var("FLASHINFER_PREFILL_REVERSE_KV").as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
-            _ => self.variant.alibi,
-        }
     }
 
     pub fn spec(&self) -> KernelSpec {
@@ -511,7 +526,21 @@ impl PrefillTiles {
     /// The specialisation with a user variant's hooks compiled in (its definitions go right
     /// before the kernel template; its key suffix names it and a digest of its source).
     pub fn spec_with(&self, user: Option<&UserVariant>) -> KernelSpec {
-        let source = format!(
+        let sw = self.switches();
+        let name = match user {
+            Some(u) => self.name_with(sw) + &u.key_suffix(),
+            None => self.name_with(sw),
+        };
+        let spec = KernelSpec::new(name, self.source_with(sw, user), ["batch_prefill"]);
+        if self.wgmma {
+            spec.requires(Arch::SM90)
+        } else {
+            spec
+        }
+    }
+
+    fn source_with(&self, sw: Switches, user: Option<&UserVariant>) -> String {
+        format!(
             "#define L2_PREFETCH 1\n#define PREFILL_WGMMA {wg}\n#define PREFILL_WS {ws}\n#define PREFILL_PERSISTENT {pe}\n#define PREFILL_RACECHECK_SHADOW {rs}\n#define PREFILL_PINGPONG {pp}\n#define PREFILL_OVERLAP {ov}\n#define PREFILL_REVERSE_KV {rv}\n#define PREFILL_RESCALE_SLACK {sl}\n#define PREFILL_L2_LOOKAHEAD {la}\n{var}#include \"common.cuh\"\nusing DTypeQ = {q};\nusing DTypeKV = {kv};\n\
              using DTypeO = {q};\nconstexpr int HEAD_DIM = {d};\nconstexpr int GROUP = {g};\n\
              constexpr int WARPS_Q = {wq};\nconstexpr int WARPS_KV = {wkv};\nconstexpr int M_TILES = {m};\n\
@@ -536,25 +565,32 @@ impl PrefillTiles {
             pe = u32::from(self.persistent),
             // A debug aid for compute-sanitizer's racecheck (kernels/prefill.cuh): it changes the
             // source, so such kernels have their own cache entries.
-            rs = u32::from(self.persistent && racecheck_shadow()),
+            rs = u32::from(sw.racecheck_shadow),
             // The consumer warpgroups take turns issuing their QK^T GEMMs (see `pingpong`).
-            pp = u32::from(self.warp_specialized && self.warps_q >= 8 && pingpong()),
+            pp = u32::from(sw.pingpong),
             ov = u32::from(self.intra_wg_overlap),
-            rv = u32::from(self.reverse_kv()),
-            sl = rescale_slack(),
+            rv = u32::from(sw.reverse_kv),
+            sl = sw.rescale_slack,
             user = user.map_or(String::new(), |u| u.source()),
-        );
-        let name = match user {
-            Some(u) => self.name() + &u.key_suffix(),
-            None => self.name(),
-        };
-        let spec = KernelSpec::new(name, source, ["batch_prefill"]);
-        if self.wgmma {
-            spec.requires(Arch::SM90)
-        } else {
-            spec
-        }
+        )
     }
+}
+
+/// The A/B switches read from the environment (each function below says what it does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Switches {
+    /// Ping-pong between consumer warpgroups ([`pingpong`]), where the kernel has them.
+    pingpong: bool,
+    /// The racecheck shadow barriers ([`racecheck_shadow`]), in persistent kernels.
+    racecheck_shadow: bool,
+    /// Key tiles from the causal diagonal back (kernels/prefill.cuh, PREFILL_REVERSE_KV): on for
+    /// ALiBi, whose logits grow toward the diagonal, so that the first tile sets every row's max
+    /// and O is not rescaled at every tile. `FLASHINFER_PREFILL_REVERSE_KV=1` / `=0` turns it on
+    /// / off for every kernel (A/B runs). Session 10, 1 x 8192 causal ALiBi: 1028.7 -> 994.5 us
+    /// (plain: 963.2 -> 968.7, so plain keeps key order).
+    reverse_kv: bool,
+    /// [`rescale_slack`].
+    rescale_slack: u32,
 }
 
 /// Whether the consumer warpgroups of producer-warpgroup kernels take turns issuing their QK^T
@@ -694,6 +730,51 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_source_switch_changes_the_kernel_name() {
+        // The registry refuses two sources under one name, so a switch that changes the source
+        // must change the name: over every combination, equal names <=> equal sources.
+        let dt = DType::BF16;
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for packed in [256, 4096] {
+            let tiles = PrefillTiles::choose(
+                128,
+                4,
+                dt,
+                dt,
+                false,
+                PrefillMask::Causal,
+                packed,
+                Arch::SM90,
+            );
+            assert!(tiles.warp_specialized && tiles.warps_q >= 8 && tiles.persistent);
+            for bits in 0..16u32 {
+                for rescale_slack in [0, 4, 8] {
+                    let sw = Switches {
+                        pingpong: bits & 1 != 0,
+                        racecheck_shadow: bits & 2 != 0,
+                        reverse_kv: bits & 4 != 0,
+                        rescale_slack,
+                    };
+                    let alibi = bits & 8 != 0;
+                    let t = PrefillTiles {
+                        variant: VariantFlags {
+                            alibi,
+                            ..Default::default()
+                        },
+                        ..tiles
+                    };
+                    seen.push((t.name_with(sw), t.source_with(sw, None)));
+                }
+            }
+        }
+        for (i, a) in seen.iter().enumerate() {
+            for b in &seen[i + 1..] {
+                assert_eq!(a.0 == b.0, a.1 == b.1, "{} / {}", a.0, b.0);
+            }
+        }
+    }
 
     #[test]
     fn prompts_take_persistent_blocks_unless_a_variant_transforms_logits() {
