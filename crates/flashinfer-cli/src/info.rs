@@ -52,11 +52,18 @@ pub fn no_gpu_reason() -> String {
 }
 
 pub fn describe(info: &DeviceInfo) -> String {
+    // The UUID tells two GPUs of one model apart in benchmark records (empty if the driver
+    // gave none).
+    let uuid = if info.uuid.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", info.uuid)
+    };
     format!(
-        "GPU {}: {} ({}), {} ({} SMs), shared memory {} per block (opt-in) / {} per SM, L2 {}, memory {}",
+        "GPU {}: {}{}, {} ({} SMs), shared memory {} per block (opt-in) / {} per SM, L2 {}, memory {}",
         info.ordinal,
         info.name,
-        info.uuid,
+        uuid,
         info.arch,
         info.sm_count,
         human_bytes(info.max_smem_per_block_optin as u64),
@@ -64,4 +71,33 @@ pub fn describe(info: &DeviceInfo) -> String {
         human_bytes(info.l2_bytes as u64),
         human_bytes(info.total_mem as u64),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_line_names_the_uuid_only_when_there_is_one() {
+        let mut info = DeviceInfo {
+            ordinal: 0,
+            name: "NVIDIA H200".into(),
+            uuid: "GPU-4c49d654-779f-a964-a449-7f7a8c9597d5".into(),
+            arch: flashinfer::jit::Arch::SM90,
+            sm_count: 132,
+            max_smem_per_block_optin: 227 * 1024,
+            smem_per_sm: 228 * 1024,
+            l2_bytes: 60 << 20,
+            total_mem: 140 << 30,
+        };
+        let line = describe(&info);
+        assert!(
+            line.starts_with("GPU 0: NVIDIA H200 (GPU-4c49d654-779f-a964-a449-7f7a8c9597d5), "),
+            "{line}"
+        );
+        info.uuid.clear();
+        let line = describe(&info);
+        assert!(line.starts_with("GPU 0: NVIDIA H200, "), "{line}");
+        assert!(!line.contains("()"), "{line}");
+    }
 }
