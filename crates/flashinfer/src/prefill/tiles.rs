@@ -176,8 +176,8 @@ impl PrefillTiles {
                 nstage,
                 ..Self::wgmma(head_dim, group, q_dtype, paged, mask, wg, kv_tile)
             };
-            return if t.overlap_pays() && overlap_allowed() {
-                t.with_intra_wg_overlap()
+            return if overlap_allowed() {
+                t.with_overlap_where_it_pays()
             } else {
                 t
             };
@@ -366,7 +366,6 @@ impl PrefillTiles {
         }
     }
 
-    /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
     /// Whether intra-warpgroup overlap pays on these tiles: three warpgroups of 64-key stages
     /// with the producer warpgroup (H200, causal, TFLOP/s: 16 x 1024 350.6 -> 371.6, 4 x 4096
     /// 511.7 -> 530.4 against the engine's shapes without it; docs/perf-notes.md, session 8).
@@ -385,6 +384,17 @@ impl PrefillTiles {
         }
     }
 
+    /// These tiles with intra-warpgroup overlap where it pays ([`PrefillTiles::overlap_pays`]),
+    /// unchanged elsewhere.
+    fn with_overlap_where_it_pays(self) -> Self {
+        if self.overlap_pays() {
+            self.with_intra_wg_overlap()
+        } else {
+            self
+        }
+    }
+
+    /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
     /// Not for three warpgroups whose logits a variant transforms (soft cap, ALiBi, any user
     /// variant: the kernel's logits build): at 160 registers per consumer thread the persistent
     /// loop's state made those slower (1 x 8192, not persistent against persistent, session 5:
@@ -470,7 +480,7 @@ impl PrefillTiles {
     /// or spec so that a spec's name and source always agree.
     fn switches(&self) -> Switches {
         Switches {
-            pingpong: self.warp_specialized && self.warps_q >= 8 && pingpong(),
+            pingpong: self.has_pingpong_warpgroups() && pingpong(),
             racecheck_shadow: self.persistent && racecheck_shadow(),
             reverse_kv: match std::env::var("FLASHINFER_PREFILL_REVERSE_KV").as_deref() {
                 Ok("1") => true,
@@ -479,6 +489,12 @@ impl PrefillTiles {
             },
             rescale_slack: rescale_slack(),
         }
+    }
+
+    /// Whether the kernel has warpgroups that can take turns at the tensor cores ([`pingpong`]):
+    /// a producer warpgroup and at least two computing ones.
+    fn has_pingpong_warpgroups(&self) -> bool {
+        self.warp_specialized && self.warps_q >= 8
     }
 
     fn name_with(&self, sw: Switches) -> String {
@@ -504,7 +520,7 @@ impl PrefillTiles {
             // that changes the source changes the name, so one process's kernels stay apart if
             // the environment changes between plans (the registry refuses two sources under one
             // name).
-            if self.warp_specialized && self.warps_q >= 8 && !sw.pingpong {
+            if self.has_pingpong_warpgroups() && !sw.pingpong {
                 "_nopp"
             } else {
                 ""
@@ -661,9 +677,7 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
                         let mut t = PrefillTiles::wgmma(d, g, dt, paged, mask, wg, kt);
                         t.warp_specialized = true;
                         t.nstage = ns;
-                        if t.overlap_pays() {
-                            t = t.with_intra_wg_overlap();
-                        }
+                        t = t.with_overlap_where_it_pays();
                         v.push(t.spec());
                         t.persistent = true;
                         v.push(t.spec());
@@ -693,9 +707,7 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
         for kt in [128, 64] {
             let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, kt);
             t.warp_specialized = true;
-            if t.overlap_pays() {
-                t = t.with_intra_wg_overlap();
-            }
+            t = t.with_overlap_where_it_pays();
             t.variant = flags;
             if t.can_specialise_warps() {
                 v.push(t.spec());
@@ -713,9 +725,7 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             v.push(t.without_producer().spec());
             t.warp_specialized = true;
             t.nstage = ns;
-            if t.overlap_pays() {
-                t = t.with_intra_wg_overlap();
-            }
+            t = t.with_overlap_where_it_pays();
             v.push(t.spec());
             t.persistent = true;
             v.push(t.spec());
@@ -731,23 +741,28 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
 mod tests {
     use super::*;
 
+    /// The engine's tiles for bf16 causal prompts of `packed` rows, d128 at GQA 4, on sm_90.
+    fn choose_bf16_prompt(packed: usize) -> PrefillTiles {
+        let dt = DType::BF16;
+        PrefillTiles::choose(
+            128,
+            4,
+            dt,
+            dt,
+            false,
+            PrefillMask::Causal,
+            packed,
+            Arch::SM90,
+        )
+    }
+
     #[test]
     fn every_source_switch_changes_the_kernel_name() {
         // The registry refuses two sources under one name, so a switch that changes the source
         // must change the name: over every combination, equal names <=> equal sources.
-        let dt = DType::BF16;
         let mut seen: Vec<(String, String)> = Vec::new();
         for packed in [256, 4096] {
-            let tiles = PrefillTiles::choose(
-                128,
-                4,
-                dt,
-                dt,
-                false,
-                PrefillMask::Causal,
-                packed,
-                Arch::SM90,
-            );
+            let tiles = choose_bf16_prompt(packed);
             assert!(tiles.warp_specialized && tiles.warps_q >= 8 && tiles.persistent);
             for bits in 0..16u32 {
                 for rescale_slack in [0, 4, 8] {
@@ -778,19 +793,7 @@ mod tests {
 
     #[test]
     fn prompts_take_persistent_blocks_unless_a_variant_transforms_logits() {
-        let choose = |packed| {
-            let dt = DType::BF16;
-            PrefillTiles::choose(
-                128,
-                4,
-                dt,
-                dt,
-                false,
-                PrefillMask::Causal,
-                packed,
-                Arch::SM90,
-            )
-        };
+        let choose = choose_bf16_prompt;
         let prompt = choose(4096);
         assert!(prompt.warp_specialized && prompt.persistent && prompt.warps_q == 12);
         // Shorter prompts: 64-key stages with intra-warpgroup overlap, four of them; long ones:
@@ -864,16 +867,7 @@ mod tests {
         );
         assert_eq!((t.cta_q(), t.kv_tile, t.smem_bytes()), (128, 64, 97 * 1024));
         assert_eq!(t.ctas_per_sm(228 * 1024), 2);
-        let t = PrefillTiles::choose(
-            128,
-            4,
-            DType::BF16,
-            DType::BF16,
-            false,
-            PrefillMask::Causal,
-            8192 * 4,
-            Arch::SM90,
-        );
+        let t = choose_bf16_prompt(8192 * 4);
         // Three computing warpgroups and the producer warpgroup.
         assert_eq!(
             (t.cta_q(), t.threads(), t.ctas_per_sm(228 * 1024)),
