@@ -113,22 +113,28 @@ pub struct PrefillTiles {
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// The wgmma block shapes with a producer warpgroup: (warpgroups, keys per stage, stages,
-/// throughput per useful row relative to the last), measured on the H200 at causal 1 x 8192
-/// (docs/perf-notes.md): one warpgroup per block (two blocks per SM) 408.7 TFLOP/s; two
-/// warpgroups with 128-key stages 484.2 (64-key: 435.3); three with three 64-key stages 503.5.
+/// throughput per useful row relative to the last). Three warpgroups (their 64-key stages take
+/// intra-warpgroup overlap and four stages: `with_overlap_where_it_pays`) are the reference.
+/// Two warpgroups of 128-key stages: 0.78, from the paged appends of session 11 (H200, causal,
+/// page 16, µs, two against three warpgroups): 16 x 128 over 4096 (512 rows, three pad to 576)
+/// 339.3 / 303.2 (0.782), 32 x 64 over 4096 (256 rows, three pad to 384) 343.4 / 398.1 (0.773).
+/// One warpgroup per block (two blocks per SM) keeps the ratio to two that session 4 measured at
+/// 1 x 8192 (408.7 against 484.2 TFLOP/s). (Session 4 had two at 484.2 / 503.5 of three, before
+/// overlap, ping-pong and the slack sped three up more.)
 const WGMMA_SHAPES: [(usize, usize, usize, f64); 3] = [
-    (1, 64, 2, 408.7 / 503.5),
-    (2, 128, 2, 484.2 / 503.5),
+    (1, 64, 2, 0.78 * 408.7 / 484.2),
+    (2, 128, 2, 0.78),
     (3, 64, 3, 1.0),
 ];
 
 /// Packed rows per request from which three warpgroups take two 128-key stages instead of four
 /// 64-key ones with intra-warpgroup overlap: fewer, longer copies and half the barrier round trips
 /// per key, but a longer diagonal tile and pipeline fill, which shorter prompts feel. H200,
-/// causal, TFLOP/s, 128-key against 64-key with overlap: 1 x 16384 (65536 rows) 605.0 / 540.1,
-/// 1 x 8192 (32768) 570.2 / 569.9, 4 x 4096 (16384) 511.7 / 530.4, 16 x 1024 (4096) 292.6 (session
-/// 4) / 371.6 (docs/perf-notes.md, session 8).
-pub const LONG_PACKED_ROWS: usize = 32768;
+/// causal, µs, 128-key against 64-key with overlap (session 11, rescale slack on; persistent
+/// both): 1 x 16384 (65536 rows) 3770.9 / 4118.7, 1 x 8192 (32768) 946.0 / 935.5 (two runs each;
+/// session 8, before the slack: 570.2 / 569.9 TFLOP/s), 4 x 4096 (16384) 511.7 / 530.4 TFLOP/s,
+/// 16 x 1024 (4096) 292.6 / 371.6 (docs/perf-notes.md).
+pub const LONG_PACKED_ROWS: usize = 65536;
 
 /// Warpgroups (64 rows each) per block, keys per stage and stages for requests of `packed_qo_len`
 /// rows: the shape with the least time per request, counting the padding of its last tile.
@@ -395,13 +401,16 @@ impl PrefillTiles {
     }
 
     /// Whether persistent blocks pay for this shape and variant (`user`: the op's user variant).
-    /// Not for three warpgroups whose logits a variant transforms (soft cap, ALiBi, any user
-    /// variant: the kernel's logits build): at 160 registers per consumer thread the persistent
-    /// loop's state made those slower (1 x 8192, not persistent against persistent, session 5:
-    /// soft cap 1361 against 1616 us, ALiBi 1070 against 1114; plain 983 against 970). With
-    /// ping-pong warpgroups (session 6) ALiBi still loses (1021 against 1041) and soft cap is
-    /// within noise (1120 against 1111). Two warpgroups have 232 registers and gain (16 x 128
-    /// over 4096: soft cap 379 -> 367 us, ALiBi 361 -> 353).
+    /// Not for three warpgroups of 128-key stages whose logits a variant transforms (soft cap,
+    /// ALiBi, any user variant: the kernel's logits build): at 160 registers per consumer thread
+    /// the persistent loop's state made those slower (1 x 8192, not persistent against
+    /// persistent, session 5: soft cap 1361 against 1616 us, ALiBi 1070 against 1114; plain 983
+    /// against 970; session 10, ALiBi diagonal first: 995 against 1026). Their 64-key stages
+    /// (intra-warpgroup overlap) gain (session 11, not persistent against persistent, µs: ALiBi
+    /// 1 x 8192 984.7 / 980.2, 4 x 4096 1064.2 / 1042.0, 16 x 1024 398.8 / 375.3; soft cap 4 x 4096
+    /// 1195.3 / 1143.0, 16 x 1024 427.3 / 383.5, 16 x 128 over 4096 334.4 / 331.4). Two
+    /// warpgroups have 232 registers and gain (16 x 128 over 4096: soft cap 379 -> 367 us, ALiBi
+    /// 361 -> 353).
     /// Never with a user output transform: the persistent epilogue stages the output as 16-bit
     /// values, and the transform must see the f32 ones.
     pub fn persistent_pays(&self, user: Option<&UserVariant>) -> bool {
@@ -409,7 +418,7 @@ impl PrefillTiles {
             return false;
         }
         let logits = self.variant.soft_cap || self.variant.alibi || user.is_some();
-        !(self.warps_q >= 12 && logits)
+        !(self.warps_q >= 12 && self.kv_tile >= 128 && logits)
     }
 
     /// Whether the backend and the built-in variants allow a producer warp: RoPE rewrites each
@@ -792,22 +801,23 @@ mod tests {
     }
 
     #[test]
-    fn prompts_take_persistent_blocks_unless_a_variant_transforms_logits() {
+    fn prompts_take_persistent_blocks_unless_a_variant_transforms_logits_on_128_key_stages() {
         let choose = choose_bf16_prompt;
         let prompt = choose(4096);
         assert!(prompt.warp_specialized && prompt.persistent && prompt.warps_q == 12);
-        // Shorter prompts: 64-key stages with intra-warpgroup overlap, four of them; long ones:
-        // two 128-key stages without it.
+        // Prompts up to 1 x 8192 at GQA 4: 64-key stages with intra-warpgroup overlap, four of
+        // them; longer ones: two 128-key stages without it.
         assert!(prompt.intra_wg_overlap && prompt.kv_tile == 64 && prompt.nstage == 4);
+        let at_8192 = choose(8192 * 4);
+        assert!(at_8192.intra_wg_overlap && at_8192.kv_tile == 64);
         let long = choose(LONG_PACKED_ROWS);
         assert!(!long.intra_wg_overlap && long.kv_tile == 128 && long.nstage == 2);
-        assert!(prompt.persistent_pays(None));
+        assert!(prompt.persistent_pays(None) && long.persistent_pays(None));
         let mut user = UserVariant {
             name: "scaled".into(),
             use_softmax: true,
             ..Default::default()
         };
-        assert!(!prompt.persistent_pays(Some(&user)));
         let capped = PrefillTiles {
             variant: VariantFlags {
                 soft_cap: true,
@@ -815,7 +825,13 @@ mod tests {
             },
             ..prompt
         };
-        assert!(!capped.persistent_pays(None));
+        // Logits variants: persistent on 64-key stages, not on 128-key ones (spills).
+        assert!(prompt.persistent_pays(Some(&user)) && capped.persistent_pays(None));
+        let long_capped = PrefillTiles {
+            variant: capped.variant,
+            ..long
+        };
+        assert!(!long.persistent_pays(Some(&user)) && !long_capped.persistent_pays(None));
         // Two warpgroups (a group of decode queries over a shared prefix) keep them.
         let two = PrefillTiles {
             variant: capped.variant,
@@ -898,7 +914,11 @@ mod tests {
         // Shared-prefix groups of decode queries: whole tiles, the widest that fits.
         assert_eq!(wgmma_shape(256), (2, 128, 2));
         assert_eq!(wgmma_shape(64), (1, 64, 2));
-        assert_eq!(wgmma_shape(8192 * 4), (3, 128, 2));
+        assert_eq!(wgmma_shape(8192 * 4), (3, 64, 3));
+        assert_eq!(wgmma_shape(LONG_PACKED_ROWS), (3, 128, 2));
         assert_eq!(wgmma_shape(4096), (3, 64, 3));
+        // Appends: three warpgroups from 384 rows (512: 16 x 128 queries at GQA 4).
+        assert_eq!(wgmma_shape(512), (3, 64, 3));
+        assert_eq!(wgmma_shape(128), (2, 128, 2));
     }
 }
