@@ -100,8 +100,9 @@
 // the row sum are relative to, moves only when a tile's max exceeds it by more than the slack, so
 // most tiles skip O's rescale; P is then at most 2^slack, stored as the KV type (the host keeps
 // the slack <= 8: f16 ends at 65504), and the result is exact all the same (O and the sum stay
-// relative to the same max, and the final division and LSE use it). The host sets 8
-// (src/prefill/tiles.rs, rescale_slack; measured in docs/perf-notes.md, session 10).
+// relative to the same max, and the final division and LSE use it). The host sets 8, and 0 where
+// tiles go diagonal first (src/prefill/tiles.rs, rescale_slack; docs/perf-notes.md, sessions 10
+// and 11).
 #ifndef PREFILL_RESCALE_SLACK
 #define PREFILL_RESCALE_SLACK 0
 #endif

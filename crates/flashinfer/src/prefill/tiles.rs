@@ -488,15 +488,16 @@ impl PrefillTiles {
     /// The environment's A/B switches as they apply to this specialisation, read once per name
     /// or spec so that a spec's name and source always agree.
     fn switches(&self) -> Switches {
+        let reverse_kv = match std::env::var("FLASHINFER_PREFILL_REVERSE_KV").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => self.variant.alibi,
+        };
         Switches {
             pingpong: self.has_pingpong_warpgroups() && pingpong(),
             racecheck_shadow: self.persistent && racecheck_shadow(),
-            reverse_kv: match std::env::var("FLASHINFER_PREFILL_REVERSE_KV").as_deref() {
-                Ok("1") => true,
-                Ok("0") => false,
-                _ => self.variant.alibi,
-            },
-            rescale_slack: rescale_slack(),
+            reverse_kv,
+            rescale_slack: rescale_slack(reverse_kv),
         }
     }
 
@@ -627,15 +628,20 @@ fn pingpong() -> bool {
 }
 
 /// The softmax's rescale slack in log2 units (kernels/prefill.cuh, PREFILL_RESCALE_SLACK): 8,
-/// which measured 1.9 % faster on 1 x 8192 plain prefill (963 -> 945 us; session 10, same run);
-/// `FLASHINFER_PREFILL_RESCALE_SLACK=N` sets it for A/B runs (0: off). At most 8: P can then
-/// reach 2^N and is stored as the KV type (f16 ends at 65504; 8 leaves wide room under it).
+/// which measured 1.9 % faster on 1 x 8192 plain prefill (963 -> 945 us; session 10, same run)
+/// and 2.5 % with the soft cap (1114.8 -> 1087.4, session 11). None where key tiles are visited
+/// diagonal first (`reverse_kv`, ALiBi): the first tile sets each row's max, so the slack saves
+/// almost no rescale and its compare costs (1 x 8192 ALiBi 978.4 -> 972.8 us, session 11, two
+/// pairs in one run). `FLASHINFER_PREFILL_RESCALE_SLACK=N` sets it for A/B runs (0: off). At
+/// most 8: P can then reach 2^N and is stored as the KV type (f16 ends at 65504; 8 leaves wide
+/// room under it).
 const DEFAULT_RESCALE_SLACK: u32 = 8;
-fn rescale_slack() -> u32 {
+fn rescale_slack(reverse_kv: bool) -> u32 {
+    let default = if reverse_kv { 0 } else { DEFAULT_RESCALE_SLACK };
     std::env::var("FLASHINFER_PREFILL_RESCALE_SLACK")
         .ok()
         .and_then(|v| v.parse().ok())
-        .map_or(DEFAULT_RESCALE_SLACK, |n: u32| n.min(8))
+        .map_or(default, |n: u32| n.min(8))
 }
 
 /// Whether [`PrefillTiles::choose`] may take intra-warpgroup overlap: yes unless
@@ -844,6 +850,28 @@ mod tests {
         assert!(!two.persistent_pays(Some(&user)));
         // No producer, no persistence.
         assert!(!prompt.without_producer().persistent);
+    }
+
+    #[test]
+    fn alibi_goes_diagonal_first_without_slack() {
+        // Assumes the A/B variables are unset, as in CI and a user's process.
+        if std::env::var_os("FLASHINFER_PREFILL_RESCALE_SLACK").is_some()
+            || std::env::var_os("FLASHINFER_PREFILL_REVERSE_KV").is_some()
+        {
+            return;
+        }
+        let plain = choose_bf16_prompt(4096);
+        let alibi = PrefillTiles {
+            variant: VariantFlags {
+                alibi: true,
+                ..Default::default()
+            },
+            ..plain
+        };
+        let (p, a) = (plain.switches(), alibi.switches());
+        assert!(!p.reverse_kv && p.rescale_slack == DEFAULT_RESCALE_SLACK);
+        assert!(a.reverse_kv && a.rescale_slack == 0);
+        assert!(plain.name().ends_with("_sl8") && alibi.name().ends_with("_rv_alibi"));
     }
 
     #[test]
