@@ -716,9 +716,9 @@ pub(crate) fn specs() -> Vec<KernelSpec> {
             v.push(t.spec());
         }
         // The producer-warpgroup prompt shapes (long prompts: 128-key stages; shorter ones:
-        // 64-key stages with intra-warpgroup overlap), persistent or not (three warpgroups whose
-        // logits a variant transforms are not: `persistent_pays`), with every variant they can
-        // take.
+        // 64-key stages with intra-warpgroup overlap), persistent or not (128-key stages whose
+        // logits a variant transforms are not: `persistent_pays`; forced tiles may still ask),
+        // with every variant they can take.
         for kt in [128, 64] {
             let mut t = PrefillTiles::wgmma(128, 4, dt, true, PrefillMask::Causal, 3, kt);
             t.warp_specialized = true;
