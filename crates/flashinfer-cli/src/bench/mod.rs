@@ -8,6 +8,7 @@ mod jit;
 mod npy;
 mod plan;
 mod prefill;
+mod stream;
 mod timing;
 mod variant_args;
 
@@ -18,6 +19,7 @@ pub use decode::DecodeArgs;
 pub use jit::JitArgs;
 pub use plan::PlanArgs;
 pub use prefill::PrefillArgs;
+pub use stream::StreamArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
@@ -29,6 +31,8 @@ pub enum BenchCmd {
     Cascade(CascadeArgs),
     /// Host time of planning a step (schedulers; with a GPU the ops' whole plan()).
     Plan(PlanArgs),
+    /// The bandwidth floor: a kernel that only reads N bytes, timed as the decode is.
+    Stream(StreamArgs),
     /// Cold NVRTC compile and cached load times of the shipped kernels.
     Jit(JitArgs),
 }
@@ -40,6 +44,7 @@ pub fn run(cmd: BenchCmd) -> Result<(), String> {
         BenchCmd::Cascade(a) => cascade::run(a),
         BenchCmd::Jit(a) => jit::run(a),
         BenchCmd::Plan(a) => plan::run(a),
+        BenchCmd::Stream(a) => stream::run(a),
     }
 }
 

@@ -1,0 +1,210 @@
+//! `flashinfer bench stream`: the bandwidth floor, measured. A kernel that only reads N bytes
+//! (16-byte loads, no attention), timed exactly as the decode benchmark times a decode (same
+//! flushes, same events), so that a decode's time can be set against what merely reading its KV
+//! bytes costs on this GPU under the same method (docs/perf-notes.md, session 12).
+
+use std::sync::Arc;
+
+use clap::Args;
+use flashinfer::cuda::{launch, DevSlice, Device, LaunchConfig};
+use flashinfer::jit::KernelSpec;
+
+use super::timing::{Flush, Timer, ROTATE_BYTES};
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Bytes to read per run (rounded down to 16-byte vectors), e.g. 134217728 for the K/V of
+    /// 1 x 32768 at 8 KV heads, d128, bf16
+    #[arg(long)]
+    pub bytes: u64,
+    /// `grid`: every block strides over the whole buffer (the best case for DRAM); `chunk`: each
+    /// block reads one contiguous slice, as a one-wave split decode does
+    #[arg(long, default_value = "grid")]
+    pub mode: String,
+    /// Blocks per SM (one wave: the grid is SMs x this)
+    #[arg(long, default_value_t = 4)]
+    pub blocks_per_sm: u32,
+    /// Threads per block
+    #[arg(long, default_value_t = 256)]
+    pub threads: u32,
+    /// 16-byte loads each thread keeps in flight (4, 8 or 16)
+    #[arg(long, default_value_t = 8)]
+    pub unroll: u32,
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// As `bench decode --flush`
+    #[arg(long, value_enum, default_value_t = Flush::Write)]
+    pub flush: Flush,
+    #[arg(long)]
+    pub json: bool,
+}
+
+const ENTRY: &str = "stream_read";
+
+fn spec(unroll: u32, chunked: bool) -> KernelSpec {
+    // The loads feed an xor that is stored only if it equals a value random data never gives,
+    // so nothing is written and nothing can be optimised away.
+    let source = format!(
+        r#"// bench stream: read n16 16-byte vectors, nothing else.
+constexpr int UNROLL = {unroll};
+constexpr bool CHUNKED = {chunked};
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {{
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {{%0, %1, %2, %3}}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}}
+extern "C" __global__ void {ENTRY}(const uint4* __restrict__ src, unsigned long long n16,
+                                   unsigned int* __restrict__ sink) {{
+  unsigned long long begin = 0, end = n16, stride, i;
+  if (CHUNKED) {{
+    const unsigned long long per = (n16 + gridDim.x - 1) / gridDim.x;
+    begin = per * blockIdx.x;
+    end = begin + per < n16 ? begin + per : n16;
+    stride = blockDim.x;
+    i = begin + threadIdx.x;
+  }} else {{
+    stride = (unsigned long long)gridDim.x * blockDim.x;
+    i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  }}
+  unsigned int acc = 0;
+  for (; i + (UNROLL - 1) * stride < end; i += UNROLL * stride) {{
+    uint4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) v[u] = ld_stream(src + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }}
+  for (; i < end; i += stride) {{
+    const uint4 v = ld_stream(src + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }}
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}}
+"#,
+        chunked = if chunked { "true" } else { "false" }
+    );
+    KernelSpec::new(
+        format!(
+            "bench_stream_read_u{unroll}_{}",
+            if chunked { "chunk" } else { "grid" }
+        ),
+        source,
+        [ENTRY],
+    )
+}
+
+pub fn run(a: StreamArgs) -> Result<(), String> {
+    let err = |e: flashinfer::Error| e.to_string();
+    let d = |e: flashinfer::cuda::DriverError| e.to_string();
+    if ![4, 8, 16].contains(&a.unroll) {
+        return Err(format!("--unroll {}: expected 4, 8 or 16", a.unroll));
+    }
+    let chunked = match a.mode.as_str() {
+        "grid" => false,
+        "chunk" => true,
+        m => return Err(format!("--mode `{m}`: expected grid or chunk")),
+    };
+    if a.threads == 0 || a.threads > 1024 || a.blocks_per_sm == 0 {
+        return Err("--threads must be 1..=1024 and --blocks-per-sm at least 1".into());
+    }
+    let n16 = a.bytes / 16;
+    if n16 == 0 {
+        return Err("--bytes: at least 16".into());
+    }
+    let dev: Arc<Device> = Device::new(0).map_err(err)?;
+    let st = dev.stream().clone();
+    let func = dev.kernel(&spec(a.unroll, chunked), ENTRY).map_err(err)?;
+    // Random bytes (so the sink's comparison is never true); copies to rotate over when asked.
+    let mut rng_state = 0x2545f4914f6cdd1du64;
+    let host: Vec<u64> = (0..n16 * 2)
+        .map(|_| {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        })
+        .collect();
+    let copies = match a.flush {
+        Flush::Write => 1,
+        Flush::Rotate => (ROTATE_BYTES as u64).div_ceil(n16 * 16).max(2) as usize,
+    };
+    let bufs = (0..copies)
+        .map(|_| st.clone_htod(&host).map_err(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sink = st.alloc_zeros::<u64>(1).map_err(d)?;
+    let cfg = LaunchConfig {
+        grid: (dev.info().sm_count as u32 * a.blocks_per_sm, 1, 1),
+        block: (a.threads, 1, 1),
+        smem_bytes: 0,
+    };
+    let mut k = 0usize;
+    let stats = Timer::with_flush(&dev, a.flush)?.time(a.warmup, a.runs.max(30), || {
+        let src = DevSlice::new(&bufs[k % copies], &st).ptr();
+        k += 1;
+        let snk = DevSlice::new(&sink, &st).ptr();
+        let mut args = flashinfer::kernel_args![&src, &n16, &snk];
+        // SAFETY: (const uint4*, u64, u32*) as the kernel declares; src holds n16 vectors.
+        unsafe { launch(func, cfg, &st, &mut args) }.map_err(err)
+    })?;
+    let bytes = (n16 * 16) as f64;
+    let tbps = bytes / (stats.median_us * 1e-6) / 1e12;
+    if a.json {
+        println!(
+            "{{\"op\":\"stream\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"bytes\":{},\"mode\":\"{}\",\"blocks\":{},\"threads\":{},\"unroll\":{},\"flush\":\"{}\",\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tb_per_s\":{:.3}}}",
+            dev.info().name, dev.info().uuid, n16 * 16, a.mode, cfg.grid.0, a.threads, a.unroll,
+            a.flush.name(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tbps
+        );
+    } else {
+        println!(
+            "stream read {:.1} MB  {} x {} threads, unroll {}, {}  flush {}  on {}",
+            bytes / 1e6,
+            cfg.grid.0,
+            a.threads,
+            a.unroll,
+            a.mode,
+            a.flush.name(),
+            dev.info().name
+        );
+        println!(
+            "  median {:.2} us (min {:.2}, max {:.2}, {} runs)  {:.3} TB/s",
+            stats.median_us, stats.min_us, stats.max_us, stats.runs, tbps
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashinfer::jit::{Arch, DiskCache, Jit, SearchEnv};
+
+    /// Every (unroll, mode) the command accepts compiles with NVRTC for sm_90a (skipped, loudly,
+    /// without NVRTC unless FLASHINFER_REQUIRE_NVRTC=1, as the library's compile-only tier).
+    #[test]
+    fn stream_kernels_compile() {
+        let dir = std::env::temp_dir().join(format!("flashinfer-stream-{}", std::process::id()));
+        let jit = match Jit::with(&SearchEnv::from_process(), DiskCache::open(&dir).unwrap()) {
+            Ok(jit) => jit,
+            Err(e) if std::env::var("FLASHINFER_REQUIRE_NVRTC").as_deref() == Ok("1") => {
+                panic!("FLASHINFER_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}")
+            }
+            Err(e) => {
+                eprintln!("\n*** SKIPPED: NVRTC not found ***\n{e}\n");
+                return;
+            }
+        };
+        for unroll in [4, 8, 16] {
+            for chunked in [false, true] {
+                let cubin = jit.compile_uncached(&spec(unroll, chunked), Arch::SM90);
+                assert!(
+                    cubin.is_ok(),
+                    "unroll {unroll} chunked {chunked}: {cubin:?}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
