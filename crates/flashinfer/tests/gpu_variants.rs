@@ -22,6 +22,24 @@ fn run(
     variant: &Variant<'_>,
     portable: bool,
 ) {
+    run_with(
+        rng, qo_lens, kv_lens, heads, causal, variant, portable, None,
+    )
+}
+
+/// `run` with the block shape forced to `forced` (None: the engine's choice, or the portable
+/// tiles when `portable`).
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    rng: &mut flashinfer::random::SplitMix64,
+    qo_lens: &[usize],
+    kv_lens: &[usize],
+    heads: HeadConfig,
+    causal: bool,
+    variant: &Variant<'_>,
+    portable: bool,
+    forced: Option<PrefillTiles>,
+) {
     let dev = device();
     let st = dev.stream();
     let page = 16;
@@ -92,8 +110,20 @@ fn run(
         );
         op.force_tiles(Some(t)).unwrap();
     }
+    if forced.is_some() {
+        op.force_tiles(forced).unwrap();
+    }
     op.set_variant(variant).unwrap();
     op.plan(&qo, PrefillKv::Paged(&table), None).unwrap();
+    if let Some(f) = forced {
+        let t = op.tiles().unwrap();
+        assert!(
+            t.persistent == f.persistent && t.kv_tile == f.kv_tile && t.warps_q == f.warps_q,
+            "forced {} but the plan runs {}",
+            f.name(),
+            t.name()
+        );
+    }
     let what = format!(
         "{} causal {causal} qo {qo_lens:?} kv {kv_lens:?} {:?} {}",
         variant.key(),
@@ -182,6 +212,53 @@ fn gpu_prefill_variants_match_their_definitions() {
                 );
             }
         }
+    }
+}
+
+/// The logits variants in persistent blocks on 64-key stages (the engine's shape for prompts and
+/// appends since session 11: three warpgroups, four stages, intra-warpgroup overlap; ALiBi visits
+/// key tiles diagonal first, the soft cap keeps the rescale slack), on a batch of more (item,
+/// head) pairs than one wave of blocks so that every block claims several items, with an empty
+/// request among them. Small enough for compute-sanitizer:
+/// `bash .gpu/run sanitize persistent_variant_cases`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_prefill_persistent_variant_cases() {
+    if device().arch() < flashinfer::jit::Arch::SM90 {
+        eprintln!("persistent blocks need sm_90a; nothing to check on this GPU");
+        return;
+    }
+    let mut rng = Rng::fresh("prefill_persistent_variants");
+    let heads = HeadConfig::new(32, 8, 128).unwrap();
+    let slopes = alibi_slopes(32);
+    let mut qo: Vec<usize> = (0..40).map(|i| 40 + (i * 37) % 90).collect();
+    qo[5] = 0;
+    let kv: Vec<usize> = qo.iter().map(|&l| l + 70).collect();
+    let mut tiles = PrefillTiles::wgmma(128, 4, DType::BF16, true, PrefillMask::Causal, 3, 64)
+        .with_intra_wg_overlap();
+    tiles.warp_specialized = true;
+    tiles.nstage = 4;
+    tiles.persistent = true;
+    for variant in [
+        Variant {
+            alibi_slopes: Some(slopes.as_slice()),
+            ..Default::default()
+        },
+        Variant {
+            logits_soft_cap: Some(5.0),
+            ..Default::default()
+        },
+    ] {
+        run_with(
+            &mut rng,
+            &qo,
+            &kv,
+            heads,
+            true,
+            &variant,
+            false,
+            Some(tiles),
+        );
     }
 }
 
