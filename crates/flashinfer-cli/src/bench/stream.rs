@@ -17,10 +17,9 @@ pub struct StreamArgs {
     /// 1 x 32768 at 8 KV heads, d128, bf16
     #[arg(long)]
     pub bytes: u64,
-    /// `grid`: every block strides over the whole buffer (the best case for DRAM); `chunk`: each
-    /// block reads one contiguous slice, as a one-wave split decode does
-    #[arg(long, default_value = "grid")]
-    pub mode: String,
+    /// The order in which the blocks read
+    #[arg(long, value_enum, default_value_t = Order::Grid)]
+    pub mode: Order,
     /// Blocks per SM (one wave: the grid is SMs x this)
     #[arg(long, default_value_t = 4)]
     pub blocks_per_sm: u32,
@@ -39,6 +38,25 @@ pub struct StreamArgs {
     pub flush: Flush,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Which bytes each block reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    /// Every block strides over the whole buffer: all SMs read neighbouring addresses at once
+    /// (the kindest order for DRAM), every thread the same number of vectors.
+    Grid,
+    /// Each block reads one contiguous slice, as a one-wave split decode reads its chunks.
+    Chunk,
+}
+
+impl Order {
+    fn name(self) -> &'static str {
+        match self {
+            Order::Grid => "grid",
+            Order::Chunk => "chunk",
+        }
+    }
 }
 
 const ENTRY: &str = "stream_read";
@@ -102,11 +120,7 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     if ![4, 8, 16].contains(&a.unroll) {
         return Err(format!("--unroll {}: expected 4, 8 or 16", a.unroll));
     }
-    let chunked = match a.mode.as_str() {
-        "grid" => false,
-        "chunk" => true,
-        m => return Err(format!("--mode `{m}`: expected grid or chunk")),
-    };
+    let chunked = a.mode == Order::Chunk;
     if a.threads == 0 || a.threads > 1024 || a.blocks_per_sm == 0 {
         return Err("--threads must be 1..=1024 and --blocks-per-sm at least 1".into());
     }
@@ -154,7 +168,7 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     if a.json {
         println!(
             "{{\"op\":\"stream\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"bytes\":{},\"mode\":\"{}\",\"blocks\":{},\"threads\":{},\"unroll\":{},\"flush\":\"{}\",\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tb_per_s\":{:.3}}}",
-            dev.info().name, dev.info().uuid, n16 * 16, a.mode, cfg.grid.0, a.threads, a.unroll,
+            dev.info().name, dev.info().uuid, n16 * 16, a.mode.name(), cfg.grid.0, a.threads, a.unroll,
             a.flush.name(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tbps
         );
     } else {
@@ -164,7 +178,7 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
             cfg.grid.0,
             a.threads,
             a.unroll,
-            a.mode,
+            a.mode.name(),
             a.flush.name(),
             dev.info().name
         );
