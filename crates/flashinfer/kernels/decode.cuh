@@ -37,7 +37,7 @@ static_assert(HEAD_DIM % VEC == 0, "head_dim must be a multiple of 16 bytes");
 static_assert(NUM_THREADS <= 1024, "too many threads per block");
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-batch_decode(const DecodeParams p) {
+batch_decode(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
@@ -47,7 +47,7 @@ batch_decode(const DecodeParams p) {
   const int kv_head = block_kv_head(p);
   const int qo_head = kv_head * GROUP + ty;
   // Both loads in flight at once: the work list always has a slot for every block of the grid.
-  const DecodeWork w = p.work[block_item(p)];
+  const DecodeWork w = block_work(p);
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 
   // This thread's query slice, pre-scaled so that scores come out in base 2 (under a soft cap: as

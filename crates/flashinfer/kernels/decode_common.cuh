@@ -13,6 +13,9 @@ struct DecodeWork {
   int request, page_begin, kv_start, kv_len, partial, merge_begin, num_pieces;
 };
 
+// Work items the launch parameters can carry (decode/mod.rs: INLINE_WORK).
+constexpr int INLINE_WORK = 32;
+
 struct DecodeParams {
   const DTypeQ* q;            // [batch, num_qo_heads, HEAD_DIM]
   const DTypeKV* k;           // page pool (K)
@@ -42,10 +45,16 @@ struct DecodeParams {
   const int* rope_offsets;         // [batch] RoPE position of each request's first key
   float rope_rcp_scale;            // 1 / rope_scale
   float rope_log2_theta;           // log2(rope_theta)
+  // A plan of at most INLINE_WORK items outside graph mode travels in the launch's parameters
+  // (num_inline > 0: every item is here, and `work` / `num_work` are not read): a block's first
+  // load, the work item, then costs no DRAM trip before the page ids it leads to.
+  int num_inline;
+  int inline_pad;
+  DecodeWork inline_work[INLINE_WORK];
 };
 
 // decode/mod.rs asserts the same size for its copy of this struct.
-static_assert(sizeof(DecodeParams) == 184, "DecodeParams must match decode/mod.rs");
+static_assert(sizeof(DecodeParams) == 192 + INLINE_WORK * 28, "DecodeParams must match decode/mod.rs");
 
 // What q·k is multiplied by before decode_logit (decode_variant.cuh): sm_scale * log2(e) for a
 // plain kernel or ALiBi alone, sm_scale / cap under a soft cap.
@@ -102,7 +111,14 @@ __device__ __forceinline__ long long key_offset(const DecodeParams& p, const Dec
 }
 
 // Whether this block has work: in CUDA-graph mode the grid is sized for the largest plan.
-__device__ __forceinline__ bool block_has_work(const DecodeParams& p) { return block_item(p) < *p.num_work; }
+__device__ __forceinline__ bool block_has_work(const DecodeParams& p) {
+  return block_item(p) < (p.num_inline > 0 ? p.num_inline : *p.num_work);
+}
+// This block's work item: from the launch parameters when the plan put it there.
+__device__ __forceinline__ DecodeWork block_work(const DecodeParams& p) {
+  const int i = block_item(p);
+  return p.num_inline > 0 ? p.inline_work[i < p.num_inline ? i : 0] : p.work[i];
+}
 
 // Writes a final output row of GROUP heads' slice [d0, d0 + N) and, once per head, its LSE.
 template <int N>

@@ -255,7 +255,7 @@ __device__ __forceinline__ void produce_tiles(const DecodeParams& p, const Decod
 constexpr int LAUNCH_THREADS = NUM_THREADS + (DECODE_WS ? 32 : 0);
 
 extern "C" __global__ void __launch_bounds__(LAUNCH_THREADS)
-batch_decode(const DecodeParams p) {
+batch_decode(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   DTypeKV* k_smem = reinterpret_cast<DTypeKV*>(smem_raw);
   DTypeKV* v_smem = k_smem + NSTAGE * TILE * HEAD_DIM;
@@ -264,7 +264,7 @@ batch_decode(const DecodeParams p) {
   const int g = lane >> 2, t = lane & 3;
   const int kv_head = block_kv_head(p);
   // Both loads in flight at once: the work list always has a slot for every block of the grid.
-  const DecodeWork w = p.work[block_item(p)];
+  const DecodeWork w = block_work(p);
   if (!block_has_work(p)) return;  // uniform over the block, before any barrier
 #if DECODE_WS
   __shared__ __align__(8) u64 full_bar[NSTAGE], empty_bar[NSTAGE];

@@ -83,10 +83,25 @@ struct DecodeParams {
     rope_offsets: u64,
     rope_rcp_scale: f32,
     rope_log2_theta: f32,
+    num_inline: i32,
+    inline_pad: i32,
+    inline_work: [DecodeWork; INLINE_WORK],
 }
 
+/// Work items the launch parameters carry (decode_common.cuh's INLINE_WORK): a plan of at most
+/// this many items outside graph mode is passed in the launch instead of read from the
+/// workspace, which saves each block a dependent DRAM trip before its page ids (the one-wave
+/// shapes: 1 x 1024 has 16 items, 1 x 32768 and 16 x 4096 32). Graph mode always reads the
+/// workspace (a captured launch's parameters are fixed). `FLASHINFER_DECODE_INLINE_WORK=0` turns
+/// it off (A/B).
+const INLINE_WORK: usize = 32;
+
 // The kernel static_asserts the same size: a field added on one side only fails to compile.
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 184);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 192 + INLINE_WORK * 28);
+
+fn inline_work_enabled() -> bool {
+    std::env::var("FLASHINFER_DECODE_INLINE_WORK").map_or(true, |v| v != "0")
+}
 
 /// What a CUDA-graph-mode decode is sized for: every plan must fit these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -571,7 +586,7 @@ impl BatchDecode {
         let var = self
             .variant
             .params(self.dev.stream(), sm_scale, h.num_qo_heads)?;
-        let params = DecodeParams {
+        let mut params = DecodeParams {
             q: q.ptr(),
             k: k_cache.ptr(),
             v: v_base,
@@ -600,7 +615,15 @@ impl BatchDecode {
             rope_offsets: var.rope_offsets,
             rope_rcp_scale: var.rope_rcp_scale,
             rope_log2_theta: var.rope_log2_theta,
+            num_inline: 0,
+            inline_pad: 0,
+            inline_work: [DecodeWork::EMPTY; INLINE_WORK],
         };
+        let work = &self.schedule.work;
+        if self.graph.is_none() && work.len() <= INLINE_WORK && inline_work_enabled() {
+            params.num_inline = work.len() as i32;
+            params.inline_work[..work.len()].copy_from_slice(work);
+        }
         let launch_cfg = LaunchConfig {
             // One block per (work item, KV head), in the order decode_common.cuh describes. A
             // graph's launch is fixed while its plans change, so it takes heads fastest.

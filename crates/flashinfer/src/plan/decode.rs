@@ -30,6 +30,19 @@ pub struct DecodeWork {
     pub num_pieces: i32,
 }
 
+impl DecodeWork {
+    /// An item of no keys (what unused slots of a fixed-size list hold).
+    pub const EMPTY: DecodeWork = DecodeWork {
+        request: 0,
+        page_begin: 0,
+        kv_start: 0,
+        kv_len: 0,
+        partial: -1,
+        merge_begin: 0,
+        num_pieces: 0,
+    };
+}
+
 /// The schedule of one decode step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DecodeSchedule {
