@@ -22,14 +22,30 @@ fn run(
     variant: &Variant<'_>,
     portable: bool,
 ) {
-    run_with(
-        rng, qo_lens, kv_lens, heads, causal, variant, portable, None,
-    )
+    // The portable backend (mma.sync) instead of the engine's choice.
+    let forced = portable.then(|| {
+        PrefillTiles::mma_sync(
+            heads.head_dim,
+            heads.group_size(),
+            DType::BF16,
+            DType::BF16,
+            true,
+            prefill_mask(causal),
+            1 << 20,
+        )
+    });
+    run_with(rng, qo_lens, kv_lens, heads, causal, variant, forced)
 }
 
-/// `run` with the block shape forced to `forced` (None: the engine's choice, or the portable
-/// tiles when `portable`).
-#[allow(clippy::too_many_arguments)]
+fn prefill_mask(causal: bool) -> PrefillMask {
+    if causal {
+        PrefillMask::Causal
+    } else {
+        PrefillMask::None
+    }
+}
+
+/// `run` with the block shape forced to `forced` (None: the engine's choice).
 fn run_with(
     rng: &mut flashinfer::random::SplitMix64,
     qo_lens: &[usize],
@@ -37,7 +53,6 @@ fn run_with(
     heads: HeadConfig,
     causal: bool,
     variant: &Variant<'_>,
-    portable: bool,
     forced: Option<PrefillTiles>,
 ) {
     let dev = device();
@@ -81,11 +96,7 @@ fn run_with(
         Some(&mut want_lse),
     )
     .unwrap();
-    let kind = if causal {
-        PrefillMask::Causal
-    } else {
-        PrefillMask::None
-    };
+    let kind = prefill_mask(causal);
     let mut op = BatchPrefill::new(
         &dev,
         PrefillConfig {
@@ -98,21 +109,7 @@ fn run_with(
         },
     )
     .unwrap();
-    if portable {
-        let t = PrefillTiles::mma_sync(
-            heads.head_dim,
-            heads.group_size(),
-            DType::BF16,
-            DType::BF16,
-            true,
-            kind,
-            1 << 20,
-        );
-        op.force_tiles(Some(t)).unwrap();
-    }
-    if forced.is_some() {
-        op.force_tiles(forced).unwrap();
-    }
+    op.force_tiles(forced).unwrap();
     op.set_variant(variant).unwrap();
     op.plan(&qo, PrefillKv::Paged(&table), None).unwrap();
     if let Some(f) = forced {
@@ -249,16 +246,7 @@ fn gpu_prefill_persistent_variant_cases() {
             ..Default::default()
         },
     ] {
-        run_with(
-            &mut rng,
-            &qo,
-            &kv,
-            heads,
-            true,
-            &variant,
-            false,
-            Some(tiles),
-        );
+        run_with(&mut rng, &qo, &kv, heads, true, &variant, Some(tiles));
     }
 }
 

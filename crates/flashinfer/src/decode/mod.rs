@@ -99,8 +99,10 @@ const INLINE_WORK: usize = 32;
 // The kernel static_asserts the same size: a field added on one side only fails to compile.
 const _: () = assert!(std::mem::size_of::<DecodeParams>() == 192 + INLINE_WORK * 28);
 
+/// Read once per process: `run()` is the hot path and only launches.
 fn inline_work_enabled() -> bool {
-    std::env::var("FLASHINFER_DECODE_INLINE_WORK").map_or(true, |v| v != "0")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHINFER_DECODE_INLINE_WORK").map_or(true, |v| v != "0"))
 }
 
 /// What a CUDA-graph-mode decode is sized for: every plan must fit these.
