@@ -26,6 +26,13 @@ pub struct StreamArgs {
     /// Threads per block
     #[arg(long, default_value_t = 256)]
     pub threads: u32,
+    /// `--mode dynamic`: bytes a block takes from the queue at a time (a multiple of 16)
+    #[arg(long, default_value_t = 65536)]
+    pub unit: u64,
+    /// `--mode dynamic`: take the units in a scattered order (unit i is i * a large odd number
+    /// modulo their count), as a paged cache's shuffled page ids are read
+    #[arg(long)]
+    pub shuffle: bool,
     /// 16-byte loads each thread keeps in flight (4, 8 or 16)
     #[arg(long, default_value_t = 8)]
     pub unroll: u32,
@@ -48,6 +55,9 @@ pub enum Order {
     Grid,
     /// Each block reads one contiguous slice, as a one-wave split decode reads its chunks.
     Chunk,
+    /// Blocks take `--unit` bytes at a time from a global counter until none are left: perfectly
+    /// balanced work of a chosen grain, as a dynamically scheduled decode would read.
+    Dynamic,
 }
 
 impl Order {
@@ -55,38 +65,34 @@ impl Order {
         match self {
             Order::Grid => "grid",
             Order::Chunk => "chunk",
+            Order::Dynamic => "dynamic",
         }
     }
 }
 
 const ENTRY: &str = "stream_read";
 
-fn spec(unroll: u32, chunked: bool) -> KernelSpec {
+fn spec(unroll: u32, mode: Order) -> KernelSpec {
     // The loads feed an xor that is stored only if it equals a value random data never gives,
     // so nothing is written and nothing can be optimised away.
+    let mode_id = match mode {
+        Order::Grid => 0,
+        Order::Chunk => 1,
+        Order::Dynamic => 2,
+    };
     let source = format!(
         r#"// bench stream: read n16 16-byte vectors, nothing else.
 constexpr int UNROLL = {unroll};
-constexpr bool CHUNKED = {chunked};
+constexpr int MODE = {mode_id};  // 0 grid, 1 chunk, 2 dynamic
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {{
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {{%0, %1, %2, %3}}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }}
-extern "C" __global__ void {ENTRY}(const uint4* __restrict__ src, unsigned long long n16,
-                                   unsigned int* __restrict__ sink) {{
-  unsigned long long begin = 0, end = n16, stride, i;
-  if (CHUNKED) {{
-    const unsigned long long per = (n16 + gridDim.x - 1) / gridDim.x;
-    begin = per * blockIdx.x;
-    end = begin + per < n16 ? begin + per : n16;
-    stride = blockDim.x;
-    i = begin + threadIdx.x;
-  }} else {{
-    stride = (unsigned long long)gridDim.x * blockDim.x;
-    i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-  }}
+// Reads vectors [i, end) with stride `stride`, UNROLL loads in flight per thread.
+__device__ __forceinline__ unsigned int read_range(const uint4* src, unsigned long long i,
+                                                   unsigned long long end, unsigned long long stride) {{
   unsigned int acc = 0;
   for (; i + (UNROLL - 1) * stride < end; i += UNROLL * stride) {{
     uint4 v[UNROLL];
@@ -99,19 +105,69 @@ extern "C" __global__ void {ENTRY}(const uint4* __restrict__ src, unsigned long 
     const uint4 v = ld_stream(src + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }}
+  return acc;
+}}
+// queue[0]: the next unit; queue[1]: blocks done (the last resets both for the next run).
+extern "C" __global__ void {ENTRY}(const uint4* __restrict__ src, unsigned long long n16,
+                                   unsigned int* __restrict__ sink, unsigned long long* queue,
+                                   unsigned long long unit16, unsigned long long shuffle_mul) {{
+  unsigned int acc = 0;
+  if (MODE == 1) {{
+    const unsigned long long per = (n16 + gridDim.x - 1) / gridDim.x;
+    const unsigned long long begin = per * blockIdx.x;
+    const unsigned long long end = begin + per < n16 ? begin + per : n16;
+    acc = read_range(src, begin + threadIdx.x, end, blockDim.x);
+  }} else if (MODE == 0) {{
+    acc = read_range(src, (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x, n16,
+                     (unsigned long long)gridDim.x * blockDim.x);
+  }} else {{
+    __shared__ unsigned long long next[2];
+    const unsigned long long units = (n16 + unit16 - 1) / unit16;
+    if (threadIdx.x == 0) next[0] = atomicAdd(queue, 1ull);
+    __syncthreads();
+    for (int k = 0;; k ^= 1) {{
+      const unsigned long long u = next[k];
+      if (u >= units) break;
+      // Take the next unit before reading this one, so no block waits on the counter.
+      if (threadIdx.x == 0) next[k ^ 1] = atomicAdd(queue, 1ull);
+      const unsigned long long at = (shuffle_mul ? (u * shuffle_mul) % units : u) * unit16;
+      const unsigned long long end = at + unit16 < n16 ? at + unit16 : n16;
+      acc ^= read_range(src, at + threadIdx.x, end, blockDim.x);
+      __syncthreads();
+    }}
+    if (threadIdx.x == 0) {{
+      __threadfence();
+      if (atomicAdd(queue + 1, 1ull) == gridDim.x - 1) {{
+        queue[0] = 0;
+        queue[1] = 0;
+      }}
+    }}
+  }}
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }}
-"#,
-        chunked = if chunked { "true" } else { "false" }
+"#
     );
     KernelSpec::new(
-        format!(
-            "bench_stream_read_u{unroll}_{}",
-            if chunked { "chunk" } else { "grid" }
-        ),
+        format!("bench_stream_read_u{unroll}_{}", mode.name()),
         source,
         [ENTRY],
     )
+}
+
+/// A multiplier coprime with `units` near units * 0.618 (a scattered permutation of the units).
+fn shuffle_multiplier(units: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let mut m = ((units as f64 * 0.618_033_988_75) as u64).max(1) | 1;
+    while gcd(m, units) != 1 {
+        m += 2;
+    }
+    m
 }
 
 pub fn run(a: StreamArgs) -> Result<(), String> {
@@ -120,7 +176,12 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     if ![4, 8, 16].contains(&a.unroll) {
         return Err(format!("--unroll {}: expected 4, 8 or 16", a.unroll));
     }
-    let chunked = a.mode == Order::Chunk;
+    if a.unit < 16 || a.unit % 16 != 0 {
+        return Err(format!(
+            "--unit {}: a positive multiple of 16 bytes",
+            a.unit
+        ));
+    }
     if a.threads == 0 || a.threads > 1024 || a.blocks_per_sm == 0 {
         return Err("--threads must be 1..=1024 and --blocks-per-sm at least 1".into());
     }
@@ -130,7 +191,7 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     }
     let dev: Arc<Device> = Device::new(0).map_err(err)?;
     let st = dev.stream().clone();
-    let func = dev.kernel(&spec(a.unroll, chunked), ENTRY).map_err(err)?;
+    let func = dev.kernel(&spec(a.unroll, a.mode), ENTRY).map_err(err)?;
     // Random bytes (so the sink's comparison is never true); copies to rotate over when asked.
     let mut rng_state = 0x2545f4914f6cdd1du64;
     let host: Vec<u64> = (0..n16 * 2)
@@ -149,6 +210,13 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
         .map(|_| st.clone_htod(&host).map_err(d))
         .collect::<Result<Vec<_>, _>>()?;
     let sink = st.alloc_zeros::<u64>(1).map_err(d)?;
+    let queue = st.alloc_zeros::<u64>(2).map_err(d)?;
+    let unit16 = a.unit / 16;
+    let shuffle_mul = if a.shuffle && a.mode == Order::Dynamic {
+        shuffle_multiplier(n16.div_ceil(unit16))
+    } else {
+        0
+    };
     let cfg = LaunchConfig {
         grid: (dev.info().sm_count as u32 * a.blocks_per_sm, 1, 1),
         block: (a.threads, 1, 1),
@@ -159,26 +227,37 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
         let src = DevSlice::new(&bufs[k % copies], &st).ptr();
         k += 1;
         let snk = DevSlice::new(&sink, &st).ptr();
-        let mut args = flashinfer::kernel_args![&src, &n16, &snk];
-        // SAFETY: (const uint4*, u64, u32*) as the kernel declares; src holds n16 vectors.
+        let que = DevSlice::new(&queue, &st).ptr();
+        let mut args = flashinfer::kernel_args![&src, &n16, &snk, &que, &unit16, &shuffle_mul];
+        // SAFETY: (const uint4*, u64, u32*, u64*, u64, u64) as the kernel declares; src holds
+        // n16 vectors, queue two zeroed counters that the kernel leaves zeroed.
         unsafe { launch(func, cfg, &st, &mut args) }.map_err(err)
     })?;
     let bytes = (n16 * 16) as f64;
     let tbps = bytes / (stats.median_us * 1e-6) / 1e12;
     if a.json {
         println!(
-            "{{\"op\":\"stream\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"bytes\":{},\"mode\":\"{}\",\"blocks\":{},\"threads\":{},\"unroll\":{},\"flush\":\"{}\",\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tb_per_s\":{:.3}}}",
-            dev.info().name, dev.info().uuid, n16 * 16, a.mode.name(), cfg.grid.0, a.threads, a.unroll,
+            "{{\"op\":\"stream\",\"gpu\":\"{}\",\"gpu_uuid\":\"{}\",\"bytes\":{},\"mode\":\"{}\",\"unit\":{},\"shuffle\":{},\"blocks\":{},\"threads\":{},\"unroll\":{},\"flush\":\"{}\",\"median_us\":{:.2},\"min_us\":{:.2},\"max_us\":{:.2},\"runs\":{},\"tb_per_s\":{:.3}}}",
+            dev.info().name, dev.info().uuid, n16 * 16, a.mode.name(), a.unit, shuffle_mul != 0, cfg.grid.0, a.threads, a.unroll,
             a.flush.name(), stats.median_us, stats.min_us, stats.max_us, stats.runs, tbps
         );
     } else {
         println!(
-            "stream read {:.1} MB  {} x {} threads, unroll {}, {}  flush {}  on {}",
+            "stream read {:.1} MB  {} x {} threads, unroll {}, {}{}  flush {}  on {}",
             bytes / 1e6,
             cfg.grid.0,
             a.threads,
             a.unroll,
             a.mode.name(),
+            if a.mode == Order::Dynamic {
+                format!(
+                    " (units of {} B{})",
+                    a.unit,
+                    if shuffle_mul != 0 { ", shuffled" } else { "" }
+                )
+            } else {
+                String::new()
+            },
             a.flush.name(),
             dev.info().name
         );
@@ -211,14 +290,24 @@ mod tests {
             }
         };
         for unroll in [4, 8, 16] {
-            for chunked in [false, true] {
-                let cubin = jit.compile_uncached(&spec(unroll, chunked), Arch::SM90);
-                assert!(
-                    cubin.is_ok(),
-                    "unroll {unroll} chunked {chunked}: {cubin:?}"
-                );
+            for mode in [Order::Grid, Order::Chunk, Order::Dynamic] {
+                let cubin = jit.compile_uncached(&spec(unroll, mode), Arch::SM90);
+                assert!(cubin.is_ok(), "unroll {unroll} {mode:?}: {cubin:?}");
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The scattered order visits every unit once.
+    #[test]
+    fn shuffle_is_a_permutation() {
+        for units in [1u64, 2, 7, 12, 64, 3125, 4096] {
+            let m = shuffle_multiplier(units);
+            let mut seen = vec![false; units as usize];
+            for u in 0..units {
+                seen[((u * m) % units) as usize] = true;
+            }
+            assert!(seen.iter().all(|&s| s), "units {units} multiplier {m}");
+        }
     }
 }
