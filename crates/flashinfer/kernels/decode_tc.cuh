@@ -220,8 +220,8 @@ struct TileLoader {
 // with 16-byte cp.async (the same swizzled layout as the block-wide loader), and each of its
 // lanes arrives on the stage's "full" mbarrier when its copies have landed
 // (cp.async.mbarrier.arrive.noinc); the four warps that compute wait on "full", read the stage,
-// and release it on its "empty" mbarrier. No block barrier per tile: a stage is refilled as soon
-// as the last warp has read it, so while the warps wait for tile t every other stage is loading
+// and release it on its "empty" mbarrier (every computing thread arrives after its own reads).
+// No block barrier per tile: a stage is refilled as soon as the last warp has read it, so while the warps wait for tile t every other stage is loading
 // (NSTAGE tiles in flight, against NSTAGE - 1 issued at a block barrier).
 // (One cp.async.bulk per 256-byte row instead measured 2.1x slower: docs/perf-notes.md.)
 #if DECODE_WS
@@ -271,7 +271,7 @@ batch_decode(const __grid_constant__ DecodeParams p) {
   if (tid == 0) {
     for (int s = 0; s < NSTAGE; ++s) {
       mbar_init(&full_bar[s], 32);          // the producer's lanes
-      mbar_init(&empty_bar[s], NUM_WARPS);  // the computing warps
+      mbar_init(&empty_bar[s], NUM_THREADS);  // every computing thread
     }
     mbar_init_fence();
   }
@@ -556,9 +556,11 @@ batch_decode(const __grid_constant__ DecodeParams p) {
     }
     } while (false);
 #if DECODE_WS
-    // This warp has read the stage for the last time: release it to the producer.
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty_bar[tile % NSTAGE]);
+    // This thread has read the stage for the last time: release it to the producer. Every thread
+    // arrives after its own reads (an arrival orders only the arriving thread's
+    // accesses; one lane's arrival after __syncwarp left the other lanes' ldmatrix reads
+    // unordered against the refill for compute-sanitizer's racecheck).
+    mbar_arrive(&empty_bar[tile % NSTAGE]);
 #endif
   }
 #if !DECODE_WS

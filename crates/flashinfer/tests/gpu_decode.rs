@@ -121,6 +121,7 @@ fn run_case<Q: Element + DeviceRepr, KV: Element + DeviceRepr>(
     for tiles in decode_kernels(&dev, c.head_dim, g, Q::DTYPE, KV::DTYPE) {
         let mut op = BatchDecode::with_tiles(&dev, cfg, tiles).unwrap();
         op.plan(&table).unwrap();
+        eprintln!("  {} ({} items)", tiles.name(), op.schedule().work.len());
         // The split decision depends on how many blocks are resident, so it is stated for the
         // tensor-core kernel (two blocks per SM on the H200); the CUDA-core kernel's different
         // wave may split a batch whose last wave is ragged (the planner simulates it).
@@ -500,6 +501,13 @@ fn gpu_decode_sanitizer_cases() {
     c.combined = true;
     c.stride_pad = 16;
     run_case::<half::bf16, half::bf16>(&c, &mut rng);
+    // Items of up to eight tiles (the stages are refilled, last tiles partial), more blocks than
+    // one wave (40 x 8 = 320 > 264 on the H200) and an empty request: the cases above give the
+    // producer warp items of at most two tiles, so no stage was ever refilled under the sanitizer
+    // (this case found the one-lane stage release that racecheck could not order, session 13).
+    let mut lens = mixed_lens(&mut rng, 40, 200);
+    lens[7] = 0;
+    run_case::<half::bf16, half::bf16>(&case(lens, 16, (32, 8), 128, KvLayout::Nhd), &mut rng);
 }
 
 /// CUDA-graph mode: `run()` is captured once; each later step only re-plans (one host-to-device
