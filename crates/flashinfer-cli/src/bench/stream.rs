@@ -176,7 +176,7 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     if ![4, 8, 16].contains(&a.unroll) {
         return Err(format!("--unroll {}: expected 4, 8 or 16", a.unroll));
     }
-    if a.unit < 16 || a.unit % 16 != 0 {
+    if a.unit < 16 || !a.unit.is_multiple_of(16) {
         return Err(format!(
             "--unit {}: a positive multiple of 16 bytes",
             a.unit
