@@ -221,8 +221,9 @@ struct TileLoader {
 // lanes arrives on the stage's "full" mbarrier when its copies have landed
 // (cp.async.mbarrier.arrive.noinc); the four warps that compute wait on "full", read the stage,
 // and release it on its "empty" mbarrier (every computing thread arrives after its own reads).
-// No block barrier per tile: a stage is refilled as soon as the last warp has read it, so while the warps wait for tile t every other stage is loading
-// (NSTAGE tiles in flight, against NSTAGE - 1 issued at a block barrier).
+// No block barrier per tile: a stage is refilled as soon as the last warp has read it, so while
+// the warps wait for tile t every other stage is loading (NSTAGE tiles in flight, against
+// NSTAGE - 1 issued at a block barrier).
 // (One cp.async.bulk per 256-byte row instead measured 2.1x slower: docs/perf-notes.md.)
 #if DECODE_WS
 #include "pipeline.cuh"
@@ -557,9 +558,8 @@ batch_decode(const __grid_constant__ DecodeParams p) {
     } while (false);
 #if DECODE_WS
     // This thread has read the stage for the last time: release it to the producer. Every thread
-    // arrives after its own reads (an arrival orders only the arriving thread's
-    // accesses; one lane's arrival after __syncwarp left the other lanes' ldmatrix reads
-    // unordered against the refill for compute-sanitizer's racecheck).
+    // arrives after its own reads: one lane's arrival after __syncwarp left the other lanes'
+    // ldmatrix reads unordered against the refill for compute-sanitizer's racecheck.
     mbar_arrive(&empty_bar[tile % NSTAGE]);
 #endif
   }
