@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Args;
 use flashinfer::cuda::{launch, DevSlice, Device, LaunchConfig};
 use flashinfer::jit::KernelSpec;
+use flashinfer::random::SplitMix64;
 
 use super::timing::{Flush, Timer, ROTATE_BYTES};
 
@@ -193,15 +194,8 @@ pub fn run(a: StreamArgs) -> Result<(), String> {
     let st = dev.stream().clone();
     let func = dev.kernel(&spec(a.unroll, a.mode), ENTRY).map_err(err)?;
     // Random bytes (so the sink's comparison is never true); copies to rotate over when asked.
-    let mut rng_state = 0x2545f4914f6cdd1du64;
-    let host: Vec<u64> = (0..n16 * 2)
-        .map(|_| {
-            rng_state ^= rng_state << 13;
-            rng_state ^= rng_state >> 7;
-            rng_state ^= rng_state << 17;
-            rng_state
-        })
-        .collect();
+    let mut rng = SplitMix64::new(0x2545f4914f6cdd1d);
+    let host: Vec<u64> = (0..n16 * 2).map(|_| rng.next_u64()).collect();
     let copies = match a.flush {
         Flush::Write => 1,
         Flush::Rotate => (ROTATE_BYTES as u64).div_ceil(n16 * 16).max(2) as usize,
